@@ -1,0 +1,195 @@
+"""Image data loaders: CIFAR-10/100 (torchvision), Clothing1M (local files), Fashion-MNIST
+(Debian package, offline), and CIFAR-shaped fake data for code-path tests only.
+
+`load_image_dataset` returns the training and test images as uint8 tensors [N, C, H, W]
+(or, for Clothing1M, file paths) with int64 labels. Augmentation happens in the method
+script's DataLoader workers, on these uint8 tensors. Text loaders are in common/text_data.py.
+
+Offline, a loader that finds nothing raises MissingError with one line: the data set, where
+it looked, and how to get it (scripts exit with code 3).
+"""
+
+from __future__ import annotations
+
+import gzip
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common.utils import MissingError, UsageError
+
+IMAGE_DATASETS = ("cifar10", "cifar100", "clothing1m", "fashion_mnist", "fake_cifar10")
+NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "clothing1m": 14, "fashion_mnist": 10, "fake_cifar10": 10}
+# Per-channel mean/std of the training images (0-1 scale), for normalisation inside the model.
+MEAN_STD = {
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "clothing1m": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),  # ImageNet's, for the pretrained ResNet-50
+    "fashion_mnist": ((0.2860,), (0.3530,)),
+    "fake_cifar10": ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25)),
+}
+FASHION_MNIST_DIRS = ("fashion-mnist", "fashion_mnist", ".")
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+@dataclass
+class ImageData:
+    """Training and clean test split of an image data set."""
+
+    name: str
+    num_classes: int
+    train_x: torch.Tensor | list[str]  # uint8 [N, C, H, W], or image paths (Clothing1M)
+    train_y: torch.Tensor  # int64 [N]: the clean labels where known (Clothing1M: the noisy ones)
+    test_x: torch.Tensor | list[str]
+    test_y: torch.Tensor
+    notes: dict = field(default_factory=dict)
+
+
+def load_image_dataset(name: str, data_dir: str | None = None, download: bool = True) -> ImageData:
+    if name not in IMAGE_DATASETS:
+        raise UsageError(f"--dataset {name}: allowed are {', '.join(IMAGE_DATASETS)}")
+    if name == "fashion_mnist":
+        return load_fashion_mnist(data_dir)
+    if name in ("cifar10", "cifar100"):
+        return load_cifar(name, data_dir, download)
+    if name == "clothing1m":
+        return load_clothing1m(data_dir)
+    return fake_cifar10()
+
+
+# ----------------------------------------------------------------------------- Fashion-MNIST
+def _read_idx(path: Path) -> np.ndarray:
+    """Read an IDX file (gzipped or not): big-endian magic, dims, then uint8 data."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as fh:
+        raw = fh.read()
+    ndim = raw[3]
+    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    if data.size != int(np.prod(dims)):
+        raise MissingError(f"fashion_mnist: {path} is truncated ({data.size} bytes for shape {dims})")
+    return data.reshape(dims)
+
+
+def _find_idx(dirs: list[Path], stem: str) -> Path | None:
+    for d in dirs:
+        for suffix in (".gz", ""):
+            p = d / f"{stem}{suffix}"
+            if p.exists():
+                return p
+    return None
+
+
+def load_fashion_mnist(data_dir: str | None = None) -> ImageData:
+    """Fashion-MNIST (60k train / 10k test, 28x28 grey, 10 classes) from IDX files.
+
+    Looked for in `data_dir/{fashion-mnist,fashion_mnist,.}` and then in the Debian package
+    `dataset-fashion-mnist` (/usr/share/datasets/fashion-mnist), which works offline.
+    """
+    dirs = ([Path(data_dir) / d for d in FASHION_MNIST_DIRS] if data_dir else []) + [DEBIAN_FASHION_MNIST]
+    stems = {"train_x": "train-images-idx3-ubyte", "train_y": "train-labels-idx1-ubyte",
+             "test_x": "t10k-images-idx3-ubyte", "test_y": "t10k-labels-idx1-ubyte"}
+    paths = {k: _find_idx(dirs, s) for k, s in stems.items()}
+    if any(p is None for p in paths.values()):
+        raise MissingError("fashion_mnist: IDX files not found in " + ", ".join(str(d) for d in dirs)
+                           + "; install them with `apt-get install dataset-fashion-mnist` or put the four "
+                           "*-idx?-ubyte(.gz) files in --data-dir/fashion-mnist")
+    arr = {k: _read_idx(p) for k, p in paths.items()}
+    return ImageData(
+        "fashion_mnist", 10,
+        torch.from_numpy(arr["train_x"].copy()).unsqueeze(1), torch.from_numpy(arr["train_y"].astype(np.int64)),
+        torch.from_numpy(arr["test_x"].copy()).unsqueeze(1), torch.from_numpy(arr["test_y"].astype(np.int64)),
+        notes={"source": str(paths["train_x"].parent)},
+    )
+
+
+# ----------------------------------------------------------------------------- CIFAR
+def load_cifar(name: str, data_dir: str | None, download: bool = True) -> ImageData:
+    """CIFAR-10/100 through torchvision (the python-pickle release), stored in
+    `data_dir` (default ./data). With `download`, torchvision fetches it when missing."""
+    import torchvision
+
+    root = Path(data_dir or "data")
+    cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+    try:
+        train = cls(str(root), train=True, download=download)
+        test = cls(str(root), train=False, download=download)
+    except (RuntimeError, OSError) as e:  # not found without download, or no network
+        folder = "cifar-10-batches-py" if name == "cifar10" else "cifar-100-python"
+        raise MissingError(f"{name}: not found in {root / folder} and the download failed "
+                           f"({type(e).__name__}); run once with network access (torchvision downloads it to "
+                           f"--data-dir) or copy the extracted {folder}/ folder into --data-dir") from None
+
+    def to_tensor(ds):  # [N, 32, 32, 3] uint8 -> [N, 3, 32, 32]
+        return torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(ds.targets, dtype=torch.int64)
+
+    tx, ty = to_tensor(train)
+    vx, vy = to_tensor(test)
+    return ImageData(name, NUM_CLASSES[name], tx, ty, vx, vy, notes={"source": str(root)})
+
+
+# ----------------------------------------------------------------------------- Clothing1M
+CLOTHING1M_FILES = ("noisy_label_kv.txt", "noisy_train_key_list.txt", "clean_label_kv.txt", "clean_test_key_list.txt")
+
+
+def load_clothing1m(data_dir: str | None) -> ImageData:
+    """Clothing1M (Xiao et al. 2015), from its official release, which must be requested
+    from the authors. Expected layout (the release's own):
+
+        <data-dir>/clothing1m/            (or <data-dir> itself)
+            images/0/..., images/1/..., ...  (the extracted image folders)
+            noisy_label_kv.txt               ("images/x/y.jpg label" per line)
+            noisy_train_key_list.txt         (the 1M noisy training images)
+            clean_label_kv.txt
+            clean_test_key_list.txt          (the 10,526 clean test images)
+
+    Returns file paths (images are decoded in the DataLoader workers) and labels 0-13.
+    """
+    if not data_dir:
+        raise MissingError("clothing1m: needs --data-dir pointing at the extracted release "
+                           "(request it from the authors of Xiao et al. 2015; layout in common/data.py)")
+    base = Path(data_dir)
+    if (base / "clothing1m").is_dir():
+        base = base / "clothing1m"
+    missing = [f for f in CLOTHING1M_FILES if not (base / f).exists()]
+    if missing:
+        raise MissingError(f"clothing1m: {', '.join(missing)} not found in {base}; request the release from "
+                           "the authors of Xiao et al. 2015 and extract it there (layout in common/data.py)")
+
+    def kv(fname: str) -> dict[str, int]:
+        out = {}
+        for line in (base / fname).read_text().splitlines():
+            if line.strip():
+                k, v = line.split()
+                out[k] = int(v)
+        return out
+
+    def keys(fname: str) -> list[str]:
+        return [x.strip() for x in (base / fname).read_text().splitlines() if x.strip()]
+
+    noisy, clean = kv("noisy_label_kv.txt"), kv("clean_label_kv.txt")
+    train_keys = [k for k in keys("noisy_train_key_list.txt") if k in noisy]
+    test_keys = [k for k in keys("clean_test_key_list.txt") if k in clean]
+    return ImageData(
+        "clothing1m", 14,
+        [str(base / k) for k in train_keys], torch.tensor([noisy[k] for k in train_keys], dtype=torch.int64),
+        [str(base / k) for k in test_keys], torch.tensor([clean[k] for k in test_keys], dtype=torch.int64),
+        notes={"source": str(base), "train_labels_are_noisy": True},
+    )
+
+
+# ----------------------------------------------------------------------------- fake data
+def fake_cifar10(n_train: int = 512, n_test: int = 256, seed: int = 0) -> ImageData:
+    """Random uint8 images of CIFAR's shape with random labels. For code-path tests of the
+    paper configuration only: accuracies on it mean nothing."""
+    g = torch.Generator().manual_seed(seed)
+    return ImageData(
+        "fake_cifar10", 10,
+        torch.randint(0, 256, (n_train, 3, 32, 32), dtype=torch.uint8, generator=g),
+        torch.randint(0, 10, (n_train,), generator=g),
+        torch.randint(0, 256, (n_test, 3, 32, 32), dtype=torch.uint8, generator=g),
+        torch.randint(0, 10, (n_test,), generator=g),
+        notes={"warning": "FakeData: random images and labels, for code-path tests only"},
+    )

@@ -1,0 +1,449 @@
+"""The few utilities every method script needs.
+
+Arguments (a dataclass turned into argparse), clear one-line errors, seeding, device and
+precision selection, the run directory, atomic writes, the metrics writer, checkpoints and
+the run summary. Nothing here knows about any method.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime as _dt
+import json
+import os
+import platform
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import typing
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+
+# ------------------------------------------------------------------------------------------
+# Errors: one line, a fixed exit code, no traceback
+# ------------------------------------------------------------------------------------------
+EXIT_USAGE = 2  # a bad argument
+EXIT_MISSING = 3  # missing or corrupt data, model or run directory
+EXIT_DIVERGED = 4  # a NaN or infinite loss
+
+
+class UsageError(Exception):
+    """A bad command-line value. Message format: `--flag VALUE: what is allowed`."""
+
+    exit_code = EXIT_USAGE
+
+
+class MissingError(Exception):
+    """Data, weights or a run directory that is not there (or is corrupt)."""
+
+    exit_code = EXIT_MISSING
+
+
+class DivergedError(Exception):
+    """A loss became NaN or infinite."""
+
+    exit_code = EXIT_DIVERGED
+
+
+@contextlib.contextmanager
+def cli_errors() -> Iterator[None]:
+    """Turn the project's own errors into one line on stderr and the matching exit code."""
+    try:
+        yield
+    except (UsageError, MissingError, DivergedError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
+
+
+# ------------------------------------------------------------------------------------------
+# Arguments: a dataclass with a help string per field -> argparse
+# ------------------------------------------------------------------------------------------
+def arg(default: Any, help: str, choices: list | tuple | None = None) -> Any:
+    """A dataclass field with its --help text (and allowed values, checked at parse time)."""
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse prints usage + message; we print one line
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+
+
+def _str2bool(v: str) -> bool:
+    if v.lower() in ("1", "true", "yes", "y", "on"):
+        return True
+    if v.lower() in ("0", "false", "no", "n", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {v!r}")
+
+
+def parse_args(cls: type, argv: list[str] | None = None, presets: dict | None = None,
+               description: str | None = None) -> Any:
+    """Parse argv into the dataclass `cls`.
+
+    Booleans take `--flag`, `--no-flag` or `--flag false`. With `presets` (name -> dict of
+    field overrides, plus an optional "_doc"), `cls` must have a `preset` field: the chosen
+    preset's values replace the defaults, and flags given on the command line replace the
+    preset's.
+    """
+    parser = _OneLineParser(description=description or (cls.__doc__ or "").strip(),
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        name = "--" + f.name.replace("_", "-")
+        meta = f.metadata
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        kind = hints[f.name]
+        helptext = meta.get("help", "")
+        if f.name == "preset" and presets:
+            helptext += " (" + "; ".join(f"{k}: {v.get('_doc', '')}" for k, v in presets.items()) + ")"
+        kw: dict[str, Any] = {"help": helptext, "default": default}
+        if kind is bool:
+            parser.add_argument(name, nargs="?", const=True, type=_str2bool, metavar="BOOL", **kw)
+            parser.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_false",
+                                help=argparse.SUPPRESS)
+            continue
+        origin = typing.get_origin(kind)
+        args_ = [a for a in typing.get_args(kind) if a is not type(None)]
+        if origin is list:
+            kw["nargs"] = "*"
+            kw["type"] = args_[0]
+        elif kind in (int, float, str):
+            kw["type"] = kind
+        else:  # `X | None`
+            kw["type"] = args_[0] if args_ else str
+        choices = meta.get("choices") or (sorted(presets) if f.name == "preset" and presets else None)
+        if choices:
+            kw["choices"] = choices
+        parser.add_argument(name, **kw)
+    values = vars(parser.parse_args(argv))
+    preset = values.get("preset")
+    if presets and preset:
+        given = _flags_given(argv if argv is not None else sys.argv[1:])
+        for k, v in presets[preset].items():
+            if not k.startswith("_") and k not in given:
+                values[k] = v
+    return cls(**values)
+
+
+def _flags_given(argv: list[str]) -> set[str]:
+    given = set()
+    for a in argv:
+        if a.startswith("--"):
+            name = a[2:].split("=", 1)[0]
+            if name.startswith("no-"):
+                name = name[3:]
+            given.add(name.replace("-", "_"))
+    return given
+
+
+# ------------------------------------------------------------------------------------------
+# Seeding, device, precision
+# ------------------------------------------------------------------------------------------
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    """Seed python, numpy and torch (all devices). `deterministic` also asks PyTorch for
+    deterministic kernels (on CUDA this needs CUBLAS_WORKSPACE_CONFIG, set here)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` picks CUDA when present, else CPU. Asking for `cuda` without one is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: no CUDA device is visible; use --device cpu or auto")
+    if name not in ("cpu",) and not name.startswith("cuda"):
+        raise UsageError(f"--device {name}: allowed are auto, cpu, cuda, cuda:N")
+    return torch.device(name)
+
+
+def resolve_precision(precision: str, device: torch.device) -> tuple[torch.dtype | None, bool]:
+    """Return (autocast dtype or None for fp32, whether a GradScaler is needed).
+
+    `auto`: bf16 on a CUDA device that supports it, fp16 + GradScaler on older CUDA devices,
+    fp32 on CPU (CPU bf16 autocast is slower than fp32 on most CPUs and changes results).
+    """
+    if precision not in ("auto", "fp32", "bf16", "fp16"):
+        raise UsageError(f"--precision {precision}: allowed are auto, fp32, bf16, fp16")
+    if precision == "auto":
+        if device.type == "cuda":
+            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        else:
+            precision = "fp32"
+    if precision == "fp32":
+        return None, False
+    if precision == "fp16" and device.type != "cuda":
+        raise UsageError("--precision fp16: needs a CUDA device; use bf16 or fp32 on CPU")
+    return (torch.bfloat16, False) if precision == "bf16" else (torch.float16, True)
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """`torch.autocast` when a reduced precision was chosen, a no-op context otherwise."""
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+# ------------------------------------------------------------------------------------------
+# Files: atomic writes, run directory, metrics, checkpoints, summary
+# ------------------------------------------------------------------------------------------
+def _atomic_replace(path: Path, write: Callable[[Any], None], mode: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode) as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new one
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    _atomic_replace(Path(path), lambda fh: fh.write(text), "w")
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> None:
+    _atomic_replace(Path(path), lambda fh: torch.save(obj, fh), "wb")
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, (np.ndarray, torch.Tensor)):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o)}")
+
+
+def make_run_dir(out_dir: str | Path, run_name: str) -> Path:
+    """Create `out_dir/run_name` and return it. Never reuses an existing directory: a second
+    run of the same name gets a `-2`, `-3`, ... suffix. Fails clearly if out_dir is not
+    writable."""
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"--out-dir {out_dir}: cannot create it ({e.strerror})") from None
+    if not os.access(out, os.W_OK):
+        raise UsageError(f"--out-dir {out_dir}: not writable")
+    for i in range(1, 1000):
+        path = out / (run_name if i == 1 else f"{run_name}-{i}")
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+    raise UsageError(f"--exp-name: 999 runs named {run_name} already exist in {out_dir}")
+
+
+def run_name(method: str, dataset: str, setting: str, seed: int, exp_name: str = "") -> str:
+    """method__dataset__setting__seedN__YYYYmmdd-HHMMSS (exp_name replaces it when given)."""
+    if exp_name:
+        return exp_name
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return f"{method}__{dataset}__{setting}__seed{seed}__{stamp}"
+
+
+class MetricsWriter:
+    """Appends one JSON object per evaluation to metrics.jsonl (and TensorBoard with --track).
+
+    Each line is flushed and fsync'ed, so a crash loses at most the line being written; on
+    resume the file is cut back to the lines up to the checkpoint's step.
+    """
+
+    def __init__(self, run_dir: Path, track: bool = False):
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.tb = None
+        if track:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(Path(run_dir) / "tb"))
+        self.start = time.time()
+
+    def truncate_after(self, step: int) -> None:
+        """Keep only records with step <= `step` (used on resume)."""
+        if not self.path.exists():
+            return
+        keep = []
+        for line in self.path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                break  # a line half-written by a crash: drop it and everything after
+            if rec.get("step", 0) <= step:
+                keep.append(line)
+        atomic_write_text(self.path, "".join(x + "\n" for x in keep))
+
+    def write(self, step: int, split: str, epoch: float | None = None, **metrics: float) -> dict:
+        rec = {"step": int(step), "epoch": epoch, "split": split,
+               "elapsed_s": round(time.time() - self.start, 3), **metrics}
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(rec, default=_json_default) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        if self.tb is not None:
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)):
+                    self.tb.add_scalar(f"{split}/{k}", v, step)
+        return rec
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+
+
+def rng_state() -> dict:
+    """All random generator states, for a checkpoint."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(run_dir: Path, state: dict, name: str = "checkpoint.pt") -> Path:
+    """Write the checkpoint atomically (a kill during the write keeps the previous one)."""
+    path = Path(run_dir) / name
+    atomic_torch_save(state, path)
+    return path
+
+
+def load_checkpoint(resume_dir: str | Path, name: str = "checkpoint.pt") -> dict:
+    """Load `resume_dir/checkpoint.pt`; a missing or unreadable file is a MissingError."""
+    path = Path(resume_dir) / name
+    if not Path(resume_dir).is_dir():
+        raise MissingError(f"--resume {resume_dir}: no such run directory")
+    if not path.exists():
+        raise MissingError(f"--resume {resume_dir}: no {name} in it (the run stopped before its first checkpoint)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means the same thing here
+        raise MissingError(f"--resume {resume_dir}: {name} is corrupt ({type(e).__name__})") from None
+
+
+def load_resume_args(resume_dir: str | Path) -> dict:
+    """The args.json of the run being resumed."""
+    path = Path(resume_dir) / "args.json"
+    if not path.exists():
+        raise MissingError(f"--resume {resume_dir}: no args.json in it (not a run directory)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        raise MissingError(f"--resume {resume_dir}: args.json is corrupt") from None
+
+
+def shared_data_dir() -> Path:
+    """Where the offline copies of the papers' data live: $LIS_SHARED_DATA if set, else
+    `../shared/data` beside the checkout (as on the development machines and in CI)."""
+    env = os.environ.get("LIS_SHARED_DATA")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+
+
+def git_commit() -> str:
+    try:
+        here = Path(__file__).resolve().parent.parent
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True,
+                             text=True, timeout=5)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def library_versions() -> dict:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for name in ("torch", "torchvision", "transformers", "datasets", "numpy"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def write_summary(run_dir: Path, summary: dict) -> dict:
+    """summary.json: the caller's fields plus versions, commit and machine. Atomic."""
+    full = {**summary, "versions": library_versions(), "git_commit": git_commit(),
+            "machine": f"{platform.machine()} {os.cpu_count()} cpus"
+            + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else "")}
+    atomic_write_json(Path(run_dir) / "summary.json", full)
+    return full
+
+
+def check_finite(loss: torch.Tensor, step: int, terms: dict[str, torch.Tensor]) -> None:
+    """Raise DivergedError naming the step and the first non-finite loss term."""
+    if torch.isfinite(loss).item():
+        return
+    bad = [k for k, v in terms.items() if not torch.isfinite(v).all().item()] or ["total"]
+    raise DivergedError(f"non-finite loss at step {step} (term: {', '.join(bad)}); "
+                        "the last good checkpoint is kept")
+
+
+class StopFlag:
+    """Set by SIGINT/SIGTERM so the training loop can checkpoint and exit cleanly."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopFlag":
+        for s in (signal.SIGINT, signal.SIGTERM):
+            self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        if self.signum is not None:  # second Ctrl-C: stop at once
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __bool__(self) -> bool:
+        return self.signum is not None
+
+    def __exit__(self, *exc: Any) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)
