@@ -1,0 +1,843 @@
+"""Text data sets of the papers, as plain Python lists.
+
+Every data set can come from one of two places:
+
+* ``local``: files in the layout of ``../shared/data`` (see the README.md there), read from
+  ``data_dir`` (default: :func:`common.utils.shared_data_dir`). This is what CPU runs and
+  the tests use; it has no network dependency.
+* ``hub``: the Hugging Face hub through ``datasets.load_dataset`` (paper scale: GLUE,
+  MultiNLI, ANLI, XNLI, AG News, TREC, STS, wiki1m). The hub names are listed in
+  :data:`HUB_SOURCES`. Without network (or with ``HF_HUB_OFFLINE=1`` and nothing cached)
+  these fail at once with a one-line :class:`~common.utils.MissingError` that names the
+  data set, the hub name that was tried and how to get it.
+
+Scripts call :func:`load_text_task` for the classification, pair and regression tasks,
+:func:`load_sts` for the STS evaluation sets (per subset, for SimCSE's "all" aggregation),
+:func:`load_xabsa` for the XABSA tagging files, :func:`load_senteval_sentences` and
+:func:`load_wiki1m` for unlabelled English sentences.
+
+Examples are :class:`Example` tuples ``(text_a, text_b, label)``: ``text_b`` is ``None``
+for single-sentence tasks; ``label`` is an ``int`` index into ``LABEL_NAMES[task]`` for
+classification tasks (``-1`` where the split carries no labels, e.g. GLUE test sets and
+the local XNLI test files), or a ``float`` similarity score for the regression tasks
+(``stsb``, ``sickr``, ``sts12``-``sts16``: 0-5). Label orders equal those of the hub
+copies, so a model trained on one source can be evaluated on the other.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import os
+import socket
+import urllib.parse
+from pathlib import Path
+from typing import Callable, NamedTuple
+
+from common.utils import MissingError, UsageError, shared_data_dir
+
+# ------------------------------------------------------------------------------------------
+# Return types and label orders
+# ------------------------------------------------------------------------------------------
+
+
+class Example(NamedTuple):
+    """One example: a sentence or a sentence pair and its label.
+
+    ``label`` is an int class index (-1: no label in this split) or, for STS-style tasks,
+    a float score in [0, 5].
+    """
+
+    text_a: str
+    text_b: str | None
+    label: int | float
+
+
+class AbsaSentence(NamedTuple):
+    """One XABSA sentence.
+
+    ``tags`` are the raw tags of the file (``O``, ``T-POS``/``T-NEG``/``T-NEU``, or
+    ``B-``/``I-``/``E-``/``S-`` + polarity on a few lines); ``spans`` are the aspect terms
+    decoded from them by :func:`decode_aspect_spans`: ``(start, end_inclusive, polarity)``
+    token indices, polarity one of ``POS``, ``NEG``, ``NEU``.
+    """
+
+    tokens: list[str]
+    tags: list[str]
+    categories: list[str]
+    spans: list[tuple[int, int, str]]
+
+
+NLI_LABELS = ("entailment", "neutral", "contradiction")
+
+XNLI_LANGS = ("ar", "bg", "de", "el", "en", "es", "fr", "hi", "ru", "sw", "th", "tr", "ur", "vi", "zh")
+
+#: Label names per classification task; the label id is the position in the tuple.
+#: These are the orders of the hub copies (GLUE, AG News, TREC coarse, ANLI, XNLI, SNLI).
+LABEL_NAMES: dict[str, tuple[str, ...]] = {
+    "cola": ("unacceptable", "acceptable"),
+    "sst2": ("negative", "positive"),
+    "mrpc": ("not_equivalent", "equivalent"),
+    "qqp": ("not_duplicate", "duplicate"),
+    "mnli": NLI_LABELS,
+    "qnli": ("entailment", "not_entailment"),
+    "rte": ("entailment", "not_entailment"),
+    "wnli": ("not_entailment", "entailment"),
+    "ag_news": ("World", "Sports", "Business", "Sci/Tech"),
+    "trec": ("ABBR", "ENTY", "DESC", "HUM", "LOC", "NUM"),
+    "anli": NLI_LABELS,
+    "snli": NLI_LABELS,
+    "xnli": NLI_LABELS,  # every xnli-XX task
+}
+
+#: Tasks whose label is a float similarity score (0-5).
+REGRESSION_TASKS = ("stsb", "sickr", "sts12", "sts13", "sts14", "sts15", "sts16")
+
+#: The STS subsets per year, in the SentEval layout (``STS.input.<subset>.txt``).
+#: STS13 ``SMT`` is left out: the release has its scores but not its sentences.
+STS_SUBSETS: dict[str, tuple[str, ...]] = {
+    "sts12": ("MSRpar", "MSRvid", "SMTeuroparl", "surprise.OnWN", "surprise.SMTnews"),
+    "sts13": ("FNWN", "headlines", "OnWN"),
+    "sts14": ("deft-forum", "deft-news", "headlines", "images", "OnWN", "tweet-news"),
+    "sts15": ("answers-forums", "answers-students", "belief", "headlines", "images"),
+    "sts16": ("answer-answer", "headlines", "plagiarism", "postediting", "question-question"),
+}
+
+SOURCES = ("auto", "local", "hub")
+
+_HOW_LOCAL = "point --data-dir at a copy in the layout of shared/data (see shared/data/README.md)"
+
+# ------------------------------------------------------------------------------------------
+# Where each (task, split) lives
+# ------------------------------------------------------------------------------------------
+
+
+class HubSource(NamedTuple):
+    """A data set on the HF hub: repository, config, and split name per our split name.
+    ``columns`` are (text_a, text_b or None, label) column names."""
+
+    repo: str
+    config: str | None
+    splits: dict[str, tuple[str, ...]]  # our split -> hub split(s), concatenated in order
+    columns: tuple[str, str | None, str]
+
+
+def _glue(config: str, a: str, b: str | None) -> HubSource:
+    return HubSource("nyu-mll/glue", config,
+                     {"train": ("train",), "dev": ("validation",), "test": ("test",)}, (a, b, "label"))
+
+
+def _mteb_sts(repo: str, splits: dict[str, tuple[str, ...]]) -> HubSource:
+    return HubSource(repo, None, splits, ("sentence1", "sentence2", "score"))
+
+
+_NLI_COLUMNS = ("premise", "hypothesis", "label")
+
+#: Hub copies: task -> HubSource. GLUE test splits carry label -1. ``stsb`` uses MTEB's copy
+#: because GLUE's STS-B test has no scores. ``sickr`` on the hub is MTEB's, which holds all
+#: ~9.9k SICK pairs, not the 4,927-pair SemEval test split that SimCSE's SICK-R uses (the
+#: local SICK_test_annotated.txt is that split). ``mnli`` train is MultiNLI train (392,702).
+#: MTEB's STS text is the original cased, untokenized text; the local SentEval copies are
+#: tokenized and lowercased.
+HUB_SOURCES: dict[str, HubSource] = {
+    "cola": _glue("cola", "sentence", None),
+    "sst2": _glue("sst2", "sentence", None),
+    "mrpc": _glue("mrpc", "sentence1", "sentence2"),
+    "qqp": _glue("qqp", "question1", "question2"),
+    "qnli": _glue("qnli", "question", "sentence"),
+    "rte": _glue("rte", "sentence1", "sentence2"),
+    "wnli": _glue("wnli", "sentence1", "sentence2"),
+    "mnli": HubSource("nyu-mll/glue", "mnli", {
+        "train": ("train",), "dev_matched": ("validation_matched",),
+        "dev_mismatched": ("validation_mismatched",), "test_matched": ("test_matched",),
+        "test_mismatched": ("test_mismatched",)}, _NLI_COLUMNS),
+    "stsb": _mteb_sts("mteb/stsbenchmark-sts", {"train": ("train",), "dev": ("validation",), "test": ("test",)}),
+    "sickr": _mteb_sts("mteb/sickr-sts", {"test": ("test",)}),
+    **{y: _mteb_sts(f"mteb/{y}-sts", {"test": ("test",)}) for y in STS_SUBSETS},
+    "ag_news": HubSource("fancyzhx/ag_news", None, {"train": ("train",), "test": ("test",)},
+                         ("text", None, "label")),
+    "trec": HubSource("CogComp/trec", None, {"train": ("train",), "test": ("test",)},
+                      ("text", None, "coarse_label")),
+    "anli": HubSource("facebook/anli", None, {
+        "train": ("train_r1", "train_r2", "train_r3"), "dev": ("dev_r1", "dev_r2", "dev_r3"),
+        "test": ("test_r1", "test_r2", "test_r3"),
+        **{f"{s}_r{r}": (f"{s}_r{r}",) for s in ("train", "dev", "test") for r in (1, 2, 3)}},
+        _NLI_COLUMNS),
+    "snli": HubSource("stanfordnlp/snli", None,
+                      {"train": ("train",), "dev": ("validation",), "test": ("test",)}, _NLI_COLUMNS),
+    **{f"xnli-{lang}": HubSource("facebook/xnli", lang,
+                                 {"train": ("train",), "dev": ("validation",), "test": ("test",)},
+                                 _NLI_COLUMNS) for lang in XNLI_LANGS},
+}
+
+#: Local copies: task -> split -> files under data_dir (all must exist).
+LOCAL_FILES: dict[str, dict[str, tuple[str, ...]]] = {
+    "cola": {"train": ("glue/CoLA/train.tsv", "glue/CoLA/val.tsv"), "dev": ("glue/CoLA/dev.tsv",),
+             "test": ("glue/CoLA/test.tsv",)},
+    "rte": {"train": ("glue/RTE/train.tsv", "glue/RTE/val.tsv"), "dev": ("glue/RTE/dev.tsv",),
+            "test": ("glue/RTE/test.tsv",)},
+    "mrpc": {"train": ("senteval_transfer/MRPC/msr_paraphrase_train.txt",),
+             "test": ("senteval_transfer/MRPC/msr_paraphrase_test.txt",)},
+    "sst2": {s: (f"senteval_transfer/SST/binary/sentiment-{s}",) for s in ("train", "dev", "test")},
+    "trec": {"train": ("senteval_transfer/TREC/train_5500.label",),
+             "test": ("senteval_transfer/TREC/TREC_10.label",)},
+    "ag_news": {"test": ("agnews/test.csv",), "dev": ("agnews/dev.tsv",)},
+    "snli": {s: tuple(f"senteval_transfer/SNLI/{f}.{s}" for f in ("s1", "s2", "labels"))
+             for s in ("dev", "test")},
+    "stsb": {s: (f"sts/STSBenchmark/sts-{s}.csv",) for s in ("train", "dev", "test")},
+    "sickr": {"train": ("sick/SICK_train.txt",), "dev": ("sick/SICK_trial.txt",),
+              "test": ("sick/SICK_test_annotated.txt",)},
+    **{y: {"test": tuple(f"sts/{y.upper()}-en-test/STS.{kind}.{sub}.txt"
+                         for sub in subs for kind in ("input", "gs"))}
+       for y, subs in STS_SUBSETS.items()},
+    **{f"xnli-{lang}": {"dev": (f"xnli/xtreme_format/dev-{lang}.tsv",),
+                        "test": (f"xnli/xtreme_format/test-{lang}.tsv",)} for lang in XNLI_LANGS},
+}
+
+#: Human-readable names for messages.
+_DISPLAY = {"cola": "GLUE CoLA", "sst2": "SST-2", "mrpc": "MRPC", "qqp": "GLUE QQP", "mnli": "MultiNLI",
+            "qnli": "GLUE QNLI", "rte": "GLUE RTE", "wnli": "GLUE WNLI", "stsb": "STS-B",
+            "sickr": "SICK-R", "ag_news": "AG News", "trec": "TREC", "anli": "ANLI", "snli": "SNLI",
+            **{y: y.upper() for y in STS_SUBSETS}, **{f"xnli-{lang}": f"XNLI ({lang})" for lang in XNLI_LANGS}}
+
+TASKS: tuple[str, ...] = tuple(sorted(set(HUB_SOURCES) | set(LOCAL_FILES)))
+
+
+def task_splits(task: str) -> tuple[str, ...]:
+    """All split names of `task`, local or hub (train, dev, test first)."""
+    _check_task(task)
+    names = list(LOCAL_FILES.get(task, {}))
+    if task in HUB_SOURCES:
+        names += [s for s in HUB_SOURCES[task].splits if s not in names]
+    order = {"train": 0, "dev": 1, "test": 2}
+    return tuple(sorted(names, key=lambda s: (order.get(s, 3), s)))
+
+
+def label_names(task: str) -> tuple[str, ...] | None:
+    """Label names of a classification task (the id is the position), None for regression."""
+    _check_task(task)
+    if task in REGRESSION_TASKS:
+        return None
+    return LABEL_NAMES["xnli" if task.startswith("xnli-") else task]
+
+
+def _check_task(task: str) -> None:
+    if task not in TASKS:
+        raise UsageError(f"--task {task}: allowed are {', '.join(t for t in TASKS if not t.startswith('xnli-'))}, "
+                         f"xnli-LANG with LANG in {', '.join(XNLI_LANGS)}")
+
+
+# ------------------------------------------------------------------------------------------
+# The entry point
+# ------------------------------------------------------------------------------------------
+def load_text_task(task: str, split: str, data_dir: str | Path | None = None,
+                   source: str = "auto") -> list[Example]:
+    """Load one split of a classification, pair or regression task as a list of Example.
+
+    task: one of :data:`TASKS` (GLUE: cola, sst2, mrpc, qqp, mnli, qnli, rte, wnli, stsb;
+      ag_news, trec, anli, snli, sickr, sts12..sts16, xnli-LANG).
+    split: see :func:`task_splits` (train/dev/test; mnli: dev_matched, dev_mismatched,
+      test_matched, test_mismatched; anli: train/dev/test = all three rounds, or
+      train_r1 .. test_r3 for one round).
+    data_dir: folder in the layout of shared/data (default: :func:`shared_data_dir`).
+    source: ``local`` (files under data_dir only), ``hub`` (HF hub only) or ``auto``
+      (the local files when they are all there, else the hub).
+
+    Label order: ``label_names(task)`` (= :data:`LABEL_NAMES`). Differences between the two
+    sources, by design of the copies: local SST-2, MRPC and STS-B test sets are labelled
+    while GLUE's hub test sets are not (-1); local MRPC has no dev split (the MSR release:
+    train 4,076 / test 1,725); local XNLI test has no labels (-1) while the hub's has; AG
+    News local test.csv is lowercased and tokenized (title + description), dev.tsv has the
+    raw description only, and the hub's text is raw title + description. For sts12-16 the
+    list is the concatenation of the year's subsets (use :func:`load_sts` for them apart).
+    """
+    _check_task(task)
+    if source not in SOURCES:
+        raise UsageError(f"--source {source}: allowed are {', '.join(SOURCES)}")
+    splits = task_splits(task)
+    if split not in splits:
+        raise UsageError(f"--split {split}: task {task} has splits {', '.join(splits)}")
+    data_dir = Path(data_dir) if data_dir is not None else shared_data_dir()
+    local_ok = split in LOCAL_FILES.get(task, {})
+    hub_ok = task in HUB_SOURCES and split in HUB_SOURCES[task].splits
+    name = f"{_DISPLAY[task]} {split}"
+
+    if source == "local" or (source == "auto" and local_ok and _local_present(task, split, data_dir)):
+        if not local_ok:
+            raise MissingError(f"{name}: there is no local copy of this split (local splits of {task}: "
+                               f"{', '.join(LOCAL_FILES.get(task, {})) or 'none'}); use --source hub on a "
+                               "machine with network")
+        return _read_local(task, split, data_dir)
+    if not hub_ok:
+        # auto or hub, and the hub has no such split: only the local files could serve it.
+        missing = [str(data_dir / f) for f in LOCAL_FILES[task][split] if not (data_dir / f).exists()]
+        raise MissingError(f"{name}: exists only as local files and {missing[0] if missing else data_dir} "
+                           f"is missing; {_HOW_LOCAL}")
+    return _load_hub_task(task, split)
+
+
+def load_sts(name: str, split: str = "test", data_dir: str | Path | None = None,
+             source: str = "auto") -> dict[str, list[Example]]:
+    """An STS evaluation set, per subset: {subset name: [Example(s1, s2, score 0-5)]}.
+
+    name: sts12 .. sts16 (test only), stsb (train/dev/test), sickr (local: train/dev/test,
+    dev = SICK_trial; hub: test only). For STS12-16 the local subsets are those of
+    :data:`STS_SUBSETS` (pairs with an empty gold score dropped, STS13 SMT skipped); the hub
+    copies (MTEB) have no subset column and come back as one subset named "all". STS-B and
+    SICK-R come back as one subset named after the split. SimCSE's "all" aggregation is the
+    Spearman correlation over the concatenation of a year's subsets.
+    Local sizes: STS12 3,108; STS13 1,500; STS14 3,750; STS15 3,000; STS16 1,186; STS-B
+    5,749 / 1,500 / 1,379; SICK-R 4,500 / 500 / 4,927.
+    """
+    if name not in REGRESSION_TASKS:
+        raise UsageError(f"--sts {name}: allowed are {', '.join(REGRESSION_TASKS)}")
+    if name not in STS_SUBSETS:
+        return {split: load_text_task(name, split, data_dir, source)}
+    if split != "test":
+        raise UsageError(f"--split {split}: {name} has only a test split")
+    if source not in SOURCES:
+        raise UsageError(f"--source {source}: allowed are {', '.join(SOURCES)}")
+    data_dir = Path(data_dir) if data_dir is not None else shared_data_dir()
+    if source == "local" or (source == "auto" and _local_present(name, "test", data_dir)):
+        return read_sts_year(name, data_dir)
+    return {"all": load_text_task(name, "test", data_dir, "hub")}
+
+
+# ------------------------------------------------------------------------------------------
+# Local files
+# ------------------------------------------------------------------------------------------
+def _local_present(task: str, split: str, data_dir: Path) -> bool:
+    files = LOCAL_FILES.get(task, {}).get(split)
+    return bool(files) and all((data_dir / f).exists() for f in files)
+
+
+def _read_local(task: str, split: str, data_dir: Path) -> list[Example]:
+    if task.startswith("xnli-"):
+        return read_xnli(task[len("xnli-"):], split, data_dir)
+    if task in STS_SUBSETS:
+        return [ex for exs in read_sts_year(task, data_dir).values() for ex in exs]
+    readers: dict[str, Callable[[str, Path], list[Example]]] = {
+        "cola": read_cola, "rte": read_rte, "mrpc": read_mrpc, "sst2": read_sst2, "trec": read_trec,
+        "ag_news": read_agnews, "snli": read_snli, "stsb": read_stsb, "sickr": read_sick,
+    }
+    return readers[task](split, data_dir)
+
+
+def _need(data_dir: Path, rel: str, what: str) -> Path:
+    """The path of a required local file, or a MissingError naming it."""
+    path = Path(data_dir) / rel
+    if not path.is_file():
+        raise MissingError(f"{what}: {path} not found; {_HOW_LOCAL}")
+    return path
+
+
+def _read_lines(path: Path, encoding: str = "utf-8") -> list[str]:
+    """The lines of a text file, split on '\\n' only (a few data sets hold other Unicode
+    line separators inside sentences), without '\\r' and without the empty string after a
+    final newline."""
+    with open(path, encoding=encoding, newline="") as fh:
+        text = fh.read()
+    lines = [line[:-1] if line.endswith("\r") else line for line in text.split("\n")]
+    if lines and lines[-1] == "":
+        lines.pop()
+    return lines
+
+
+def _read_lines_any(path: Path) -> list[str]:
+    """UTF-8 if the file decodes as UTF-8, else Latin-1 (SentEval's files)."""
+    try:
+        return _read_lines(path, "utf-8")
+    except UnicodeDecodeError:
+        return _read_lines(path, "latin-1")
+
+
+def _corrupt(path: Path, lineno: int, what: str) -> MissingError:
+    return MissingError(f"{path}:{lineno}: {what} (corrupt or not the expected format; see shared/data/README.md)")
+
+
+def _label_id(task: str, name: str, path: Path, lineno: int) -> int:
+    names = LABEL_NAMES[task]
+    if name not in names:
+        raise _corrupt(path, lineno, f"unknown label {name!r} (expected one of {', '.join(names)})")
+    return names.index(name)
+
+
+def read_xnli(lang: str, split: str, data_dir: str | Path | None = None) -> list[Example]:
+    """XNLI 1.0 (XTREME export) for one language: (premise, hypothesis, label).
+
+    dev: 2,490 labelled pairs (830 per class); test: 5,010 pairs without labels (label -1).
+    Files ``xnli/xtreme_format/{dev,test}-LANG.tsv``; parallel across languages line by line.
+    Label order: entailment, neutral, contradiction.
+    """
+    if lang not in XNLI_LANGS:
+        raise UsageError(f"--lang {lang}: allowed are {', '.join(XNLI_LANGS)}")
+    if split not in ("dev", "test"):
+        raise UsageError(f"--split {split}: local XNLI has dev and test")
+    data_dir = Path(data_dir) if data_dir is not None else shared_data_dir()
+    path = _need(data_dir, f"xnli/xtreme_format/{split}-{lang}.tsv", f"XNLI {split} ({lang})")
+    out = []
+    for i, line in enumerate(_read_lines(path), 1):
+        parts = line.split("\t")
+        if split == "dev" and len(parts) == 3:
+            out.append(Example(parts[0], parts[1], _label_id("xnli", parts[2], path, i)))
+        elif split == "test" and len(parts) == 2:
+            out.append(Example(parts[0], parts[1], -1))
+        else:
+            raise _corrupt(path, i, f"{len(parts)} tab-separated fields")
+    return out
+
+
+def read_snli(split: str, data_dir: str | Path | None = None) -> list[Example]:
+    """SNLI dev/test in the SentEval layout (s1.X, s2.X, labels.X): 9,842 / 9,824 pairs.
+    Label order: entailment, neutral, contradiction."""
+    data_dir = Path(data_dir) if data_dir is not None else shared_data_dir()
+    paths = [_need(data_dir, f, f"SNLI {split}") for f in LOCAL_FILES["snli"][split]]
+    s1, s2, labels = (_read_lines(p) for p in paths)
+    if not len(s1) == len(s2) == len(labels):
+        raise _corrupt(paths[2], len(labels), f"s1/s2/labels have {len(s1)}/{len(s2)}/{len(labels)} lines")
+    # SentEval's sentences end with a space; strip it.
+    return [Example(a.strip(), b.strip(), _label_id("snli", y.strip(), paths[2], i + 1))
+            for i, (a, b, y) in enumerate(zip(s1, s2, labels))]
+
+
+def read_sts_year(name: str, data_dir: str | Path | None = None) -> dict[str, list[Example]]:
+    """One STS year (sts12 .. sts16) in the SentEval layout, per subset.
+
+    ``STS.input.<subset>.txt`` holds ``s1<TAB>s2`` (tokenized, lowercased) and
+    ``STS.gs.<subset>.txt`` one score 0-5 per line; pairs with an empty score are dropped
+    (STS15/16 ship many). STS13 SMT has no input file and is skipped.
+    """
+    data_dir = Path(data_dir) if data_dir is not None else shared_data_dir()
+    folder = f"sts/{name.upper()}-en-test"
+    out: dict[str, list[Example]] = {}
+    for sub in STS_SUBSETS[name]:
+        inp = _need(data_dir, f"{folder}/STS.input.{sub}.txt", f"{name.upper()} {sub}")
+        gs = _need(data_dir, f"{folder}/STS.gs.{sub}.txt", f"{name.upper()} {sub}")
+        pairs, scores = _read_lines(inp), _read_lines(gs)
+        if len(pairs) != len(scores):
+            raise _corrupt(gs, len(scores), f"{len(scores)} scores for {len(pairs)} input lines")
+        rows = []
+        for i, (pair, score) in enumerate(zip(pairs, scores), 1):
+            if score.strip() == "":
+                continue
+            parts = pair.split("\t")
+            if len(parts) != 2:
+                raise _corrupt(inp, i, f"{len(parts)} tab-separated fields")
+            rows.append(Example(parts[0], parts[1], _float(score, gs, i)))
+        out[sub] = rows
+    return out
+
+
+def _float(text: str, path: Path, lineno: int) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise _corrupt(path, lineno, f"not a number: {text!r}") from None
+
+
+def read_stsb(split: str, data_dir: str | Path | None = None) -> list[Example]:
+    """STS-Benchmark (SentEval layout, tokenized): train 5,749 / dev 1,500 / test 1,379.
+    Columns: genre, file, year, id, score (0-5), s1, s2."""
+    data_dir = Path(data_dir) if data_dir is not None else shared_data_dir()
+    path = _need(data_dir, LOCAL_FILES["stsb"][split][0], f"STS-B {split}")
+    out = []
+    for i, line in enumerate(_read_lines(path), 1):
+        parts = line.split("\t")
+        if len(parts) < 7:
+            raise _corrupt(path, i, f"{len(parts)} tab-separated fields")
+        out.append(Example(parts[5], parts[6], _float(parts[4], path, i)))
+    return out
+
+
+def read_sick(split: str, data_dir: str | Path | None = None) -> list[Example]:
+    """SICK relatedness (SICK-R): train 4,500 / dev (= trial) 500 / test 4,927 (SimCSE's SICK-R
+    test). Header pair_ID, sentence_A, sentence_B, relatedness_score, entailment_judgment."""
+    data_dir = Path(data_dir) if data_dir is not None else shared_data_dir()
+    path = _need(data_dir, LOCAL_FILES["sickr"][split][0], f"SICK {split}")
+    lines = _read_lines(path)
+    if not lines or not lines[0].startswith("pair_ID"):
+        raise _corrupt(path, 1, "no pair_ID header")
+    out = []
+    for i, line in enumerate(lines[1:], 2):
+        parts = line.split("\t")
+        if len(parts) != 5:
+            raise _corrupt(path, i, f"{len(parts)} tab-separated fields")
+        out.append(Example(parts[1], parts[2], _float(parts[3], path, i)))
+    return out
+
+
+def read_rte(split: str, data_dir: str | Path | None = None) -> list[Example]:
+    """GLUE RTE: train (train.tsv + val.tsv) 2,490 / dev 277 / test 3,000 (label -1).
+    Label order: entailment, not_entailment."""
+    data_dir = Path(data_dir) if data_dir is not None else shared_data_dir()
+    out = []
+    for rel in LOCAL_FILES["rte"][split]:
+        path = _need(data_dir, rel, f"GLUE RTE {split}")
+        for i, line in enumerate(_read_lines(path), 1):
+            parts = line.split("\t")
+            if parts[0] == "index":  # header (train.tsv, dev.tsv, test.tsv; val.tsv has none)
+                continue
+            if split == "test" and len(parts) == 3:
+                out.append(Example(parts[1], parts[2], -1))
+            elif split != "test" and len(parts) == 4:
+                out.append(Example(parts[1], parts[2], _label_id("rte", parts[3], path, i)))
+            else:
+                raise _corrupt(path, i, f"{len(parts)} tab-separated fields")
+    return out
+
+
+def read_cola(split: str, data_dir: str | Path | None = None) -> list[Example]:
+    """GLUE CoLA: train (train.tsv + val.tsv) 8,551 / dev 1,043 / test 1,063 (label -1).
+    Rows: source, label (0/1), original mark, sentence. Label order: unacceptable, acceptable."""
+    data_dir = Path(data_dir) if data_dir is not None else shared_data_dir()
+    out = []
+    for rel in LOCAL_FILES["cola"][split]:
+        path = _need(data_dir, rel, f"GLUE CoLA {split}")
+        for i, line in enumerate(_read_lines(path), 1):
+            parts = line.split("\t")
+            if split == "test":
+                if parts[0] == "index":  # header of test.tsv: index, sentence
+                    continue
+                if len(parts) != 2:
+                    raise _corrupt(path, i, f"{len(parts)} tab-separated fields")
+                out.append(Example(parts[1], None, -1))
+                continue
+            if len(parts) != 4 or parts[1] not in ("0", "1"):
+                raise _corrupt(path, i, "expected source, 0/1 label, mark, sentence")
+            out.append(Example(parts[3], None, int(parts[1])))
+    return out
+
+
+def read_mrpc(split: str, data_dir: str | Path | None = None) -> list[Example]:
+    """MRPC, the original MSR release: train 4,076 / test 1,725 (both labelled; no dev: GLUE's
+    dev is carved out of this train set). UTF-8 with a BOM and a header. Label order:
+    not_equivalent (0), equivalent (1) = the file's Quality column."""
+    data_dir = Path(data_dir) if data_dir is not None else shared_data_dir()
+    path = _need(data_dir, LOCAL_FILES["mrpc"][split][0], f"MRPC {split}")
+    lines = _read_lines(path, "utf-8-sig")
+    if not lines or not lines[0].startswith("Quality"):
+        raise _corrupt(path, 1, "no Quality header")
+    out = []
+    for i, line in enumerate(lines[1:], 2):
+        parts = line.split("\t")
+        if len(parts) != 5 or parts[0] not in ("0", "1"):
+            raise _corrupt(path, i, "expected Quality, #1 ID, #2 ID, #1 String, #2 String")
+        out.append(Example(parts[3], parts[4], int(parts[0])))
+    return out
+
+
+def read_sst2(split: str, data_dir: str | Path | None = None) -> list[Example]:
+    """SST-2 (SentEval binary): train 67,349 / dev 872 / test 1,821, all labelled.
+    ``sentence<TAB>label``; text is tokenized and lowercased. Label order: negative, positive."""
+    data_dir = Path(data_dir) if data_dir is not None else shared_data_dir()
+    path = _need(data_dir, LOCAL_FILES["sst2"][split][0], f"SST-2 {split}")
+    out = []
+    for i, line in enumerate(_read_lines(path), 1):
+        text, sep, label = line.rpartition("\t")
+        if not sep or label not in ("0", "1"):
+            raise _corrupt(path, i, "expected sentence<TAB>0/1")
+        out.append(Example(text.strip(), None, int(label)))
+    return out
+
+
+def read_trec(split: str, data_dir: str | Path | None = None) -> list[Example]:
+    """TREC question classification, coarse labels: train 5,452 / test 500.
+    Lines ``COARSE:fine question`` (tokenized; Latin-1). Label order: ABBR, ENTY, DESC, HUM,
+    LOC, NUM (the hub's coarse_label order)."""
+    data_dir = Path(data_dir) if data_dir is not None else shared_data_dir()
+    path = _need(data_dir, LOCAL_FILES["trec"][split][0], f"TREC {split}")
+    out = []
+    for i, line in enumerate(_read_lines(path, "latin-1"), 1):
+        label, _, text = line.partition(" ")
+        coarse = label.split(":", 1)[0]
+        if ":" not in label or not text.strip():
+            raise _corrupt(path, i, "expected COARSE:fine question")
+        out.append(Example(text.strip(), None, _label_id("trec", coarse, path, i)))
+    return out
+
+
+def read_agnews(split: str, data_dir: str | Path | None = None) -> list[Example]:
+    """AG News, local copies: test = ``agnews/test.csv`` (7,600, 1,900 per class; header
+    text,label; lowercased and tokenized, title + " , " + description); dev =
+    ``agnews/dev.tsv`` (ALPS export of 10,001 rows held out of train: raw description and
+    class name). Label order: World, Sports, Business, Sci/Tech."""
+    data_dir = Path(data_dir) if data_dir is not None else shared_data_dir()
+    path = _need(data_dir, LOCAL_FILES["ag_news"][split][0], f"AG News {split}")
+    out = []
+    if split == "test":
+        with open(path, encoding="utf-8", newline="") as fh:
+            rows = list(csv.reader(fh))
+        if not rows or rows[0] != ["text", "label"]:
+            raise _corrupt(path, 1, "no text,label header")
+        for i, row in enumerate(rows[1:], 2):
+            if len(row) != 2 or row[1] not in ("0", "1", "2", "3"):
+                raise _corrupt(path, i, "expected text,label with label 0-3")
+            out.append(Example(row[0], None, int(row[1])))
+        return out
+    for i, line in enumerate(_read_lines(path), 1):
+        text, sep, name = line.rpartition("\t")
+        if not sep:
+            raise _corrupt(path, i, "expected description<TAB>class name")
+        out.append(Example(text, None, _label_id("ag_news", name, path, i)))
+    return out
+
+
+#: SentEval transfer sets with unlabelled English sentences: name -> files.
+SENTEVAL_SENTENCE_FILES: dict[str, tuple[str, ...]] = {
+    "MR": ("senteval_transfer/MR/rt-polarity.pos", "senteval_transfer/MR/rt-polarity.neg"),
+    "CR": ("senteval_transfer/CR/custrev.pos", "senteval_transfer/CR/custrev.neg"),
+    "SUBJ": ("senteval_transfer/SUBJ/subj.objective", "senteval_transfer/SUBJ/subj.subjective"),
+    "MPQA": ("senteval_transfer/MPQA/mpqa.pos", "senteval_transfer/MPQA/mpqa.neg"),
+}
+
+
+def load_senteval_sentences(names: tuple[str, ...] | list[str] = ("MR", "CR", "SUBJ", "MPQA"),
+                            data_dir: str | Path | None = None) -> list[str]:
+    """Unlabelled English sentences from SentEval's MR, CR, SUBJ and MPQA files (tokenized,
+    lowercased), in file order, empty lines dropped: MR 10,662, CR 3,771, SUBJ 10,000,
+    MPQA 10,603 sentences. For unsupervised (SimCSE-style) training at CPU scale."""
+    data_dir = Path(data_dir) if data_dir is not None else shared_data_dir()
+    out: list[str] = []
+    for name in names:
+        if name not in SENTEVAL_SENTENCE_FILES:
+            raise UsageError(f"--sentences {name}: allowed are {', '.join(SENTEVAL_SENTENCE_FILES)}")
+        for rel in SENTEVAL_SENTENCE_FILES[name]:
+            out.extend(line.strip() for line in _read_lines_any(_need(data_dir, rel, f"SentEval {name}"))
+                       if line.strip())
+    return out
+
+
+# ------------------------------------------------------------------------------------------
+# XABSA
+# ------------------------------------------------------------------------------------------
+XABSA_LANGS = ("en", "es", "fr", "nl", "ru", "tr")
+XABSA_TARGETS = ("es", "fr", "nl", "ru")  # languages with translated and code-switched train
+XABSA_FILES: tuple[str, ...] = (
+    tuple(f"gold-{lang}-{s}" for lang in XABSA_LANGS for s in ("train", "dev", "test"))
+    + tuple(f"smt-{lang}-train" for lang in XABSA_TARGETS)
+    + tuple(f"cs_en-{lang}-train" for lang in XABSA_TARGETS)
+    + tuple(f"cs_{lang}-en-train" for lang in XABSA_TARGETS))
+POLARITIES = ("POS", "NEG", "NEU")
+_XABSA_TAGS = {"O"} | {f"{p}-{pol}" for p in "TBIES" for pol in POLARITIES}
+
+
+def decode_aspect_spans(tags: list[str]) -> list[tuple[int, int, str]]:
+    """Aspect spans (start, end_inclusive, polarity) from one sentence's tags.
+
+    Two tag styles, which may not be mixed inside one aspect:
+    - ``T-POS`` / ``T-NEG`` / ``T-NEU`` (XABSA): a maximal run of the same T-tag is one
+      aspect; a run of a different T-tag right after it starts a new aspect.
+    - BIEOS: ``S-x`` is a one-token aspect; ``B-x`` (``I-x`` ...) ``E-x`` a longer one.
+      Strict decoding: an aspect is kept only when it is closed by ``E``; an ``I``/``E``
+      without an open ``B``, and a ``B`` left open (by ``O``, ``S``, ``B``, ``T`` or the end)
+      are dropped; an aspect whose tokens disagree on polarity is dropped.
+    ``O`` is outside. Any other tag raises ValueError.
+    """
+    spans: list[tuple[int, int, str]] = []
+    t_start, t_pol = -1, ""  # the open T-run
+    b_start, b_pols = -1, []  # the open B ... E aspect
+    for i, tag in enumerate(tags):
+        if tag not in _XABSA_TAGS:
+            raise ValueError(f"unknown aspect tag {tag!r} at token {i}")
+        kind, _, pol = tag.partition("-")
+        # A T-run ends at any tag other than the same T-tag.
+        if t_start >= 0 and tag != f"T-{t_pol}":
+            spans.append((t_start, i - 1, t_pol))
+            t_start = -1
+        if kind == "T":
+            b_start = -1  # an open B-aspect is broken
+            if t_start < 0:
+                t_start, t_pol = i, pol
+        elif kind == "S":
+            b_start = -1
+            spans.append((i, i, pol))
+        elif kind == "B":
+            b_start, b_pols = i, [pol]
+        elif kind in ("I", "E") and b_start >= 0:
+            b_pols.append(pol)
+            if kind == "E":
+                if len(set(b_pols)) == 1:
+                    spans.append((b_start, i, pol))
+                b_start = -1
+        elif kind == "O":
+            b_start = -1
+    if t_start >= 0:
+        spans.append((t_start, len(tags) - 1, t_pol))
+    return spans
+
+
+def load_xabsa(name: str, data_dir: str | Path | None = None, domain: str = "rest") -> list[AbsaSentence]:
+    """One XABSA file (SemEval-2016 restaurants) as a list of AbsaSentence.
+
+    name: one of :data:`XABSA_FILES`: ``gold-LANG-{train,dev,test}`` (LANG in en, es, fr, nl,
+    ru, tr; English 1,600 / 400 / 676 sentences), ``smt-LANG-train`` (machine-translated
+    English train with projected labels), ``cs_en-LANG-train`` (target-language sentence with
+    English aspect terms), ``cs_LANG-en-train`` (English sentence with target aspect terms).
+    File ``xabsa/<domain>/<name>.txt``: ``token<TAB>tag<TAB>category`` per line, a blank line
+    between sentences. Source: github.com/IsakZhang/XABSA, data/rest.
+    """
+    if name not in XABSA_FILES:
+        raise UsageError(f"--xabsa-file {name}: allowed are gold-LANG-{{train,dev,test}} (LANG in "
+                         f"{', '.join(XABSA_LANGS)}), smt-LANG-train, cs_en-LANG-train, cs_LANG-en-train "
+                         f"(LANG in {', '.join(XABSA_TARGETS)})")
+    data_dir = Path(data_dir) if data_dir is not None else shared_data_dir()
+    path = Path(data_dir) / "xabsa" / domain / f"{name}.txt"
+    if not path.is_file():
+        raise MissingError(f"XABSA {name}: {path} not found; get data/{domain}/{name}.txt from "
+                           f"github.com/IsakZhang/XABSA, or {_HOW_LOCAL}")
+    sentences: list[AbsaSentence] = []
+    tokens: list[str] = []
+    tags: list[str] = []
+    cats: list[str] = []
+
+    def flush() -> None:
+        if tokens:
+            sentences.append(AbsaSentence(list(tokens), list(tags), list(cats), decode_aspect_spans(tags)))
+            tokens.clear()
+            tags.clear()
+            cats.clear()
+
+    for i, line in enumerate(_read_lines(path), 1):
+        if not line.strip():
+            flush()
+            continue
+        parts = line.split("\t")
+        if len(parts) != 3 or parts[1] not in _XABSA_TAGS:
+            raise _corrupt(path, i, "expected token<TAB>tag<TAB>category with tag O, T-x or B/I/E/S-x")
+        tokens.append(parts[0])
+        tags.append(parts[1])
+        cats.append(parts[2])
+    flush()
+    return sentences
+
+
+# ------------------------------------------------------------------------------------------
+# The Hugging Face hub
+# ------------------------------------------------------------------------------------------
+_TRUE = {"1", "ON", "YES", "TRUE"}
+
+
+def hub_offline_requested() -> bool:
+    """True when HF_HUB_OFFLINE (or HF_DATASETS_OFFLINE / TRANSFORMERS_OFFLINE) is set."""
+    return any(os.environ.get(v, "").strip().upper() in _TRUE
+               for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+@functools.lru_cache(maxsize=None)
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to the hub endpoint ($HF_ENDPOINT, default huggingface.co)
+    opens within `timeout` seconds. With a proxy configured the answer is True (the proxy
+    decides; the HF libraries' own timeouts apply). Cached for the process."""
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    url = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname or "huggingface.co", port), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def hub_unavailable_reason() -> str | None:
+    """Why the hub cannot be asked right now ("in offline mode (HF_HUB_OFFLINE=1)" or
+    "unreachable"), or None. Offline mode still allows copies already in the HF cache."""
+    if hub_offline_requested():
+        return "in offline mode (HF_HUB_OFFLINE=1)"
+    if not hub_reachable():
+        return "unreachable"
+    return None
+
+
+def _hub_dataset(what: str, repo: str, config: str | None, split: str):
+    """``datasets.load_dataset(repo, config, split=split)``, or a one-line MissingError. Never
+    waits on a dead network: offline mode only reads the HF cache, and an unreachable hub
+    fails at once."""
+    tried = f"hub dataset '{repo}'" + (f" config '{config}'" if config else "") + f" split '{split}'"
+    how = f"run once on a machine with network so the HF cache holds it, or {_HOW_LOCAL}"
+    reason = hub_unavailable_reason()
+    import datasets  # imported here: local files need no `datasets`
+
+    if reason is not None and not (hub_offline_requested() and datasets.config.HF_HUB_OFFLINE):
+        # Unreachable, or offline requested after `datasets` was imported (it would still go
+        # online): do not try.
+        raise MissingError(f"{what}: the Hugging Face hub is {reason} and {tried} was not loaded; {how}")
+    try:
+        return datasets.load_dataset(repo, config, split=split)
+    except Exception as e:  # noqa: BLE001 - any failure here means the data is not available
+        where = "not in the local HF cache (offline mode, HF_HUB_OFFLINE=1)" if reason else f"failed ({_first_line(e)})"
+        raise MissingError(f"{what}: {tried} {where}; {how}") from None
+
+
+def _load_hub_task(task: str, split: str) -> list[Example]:
+    src = HUB_SOURCES[task]
+    a_col, b_col, y_col = src.columns
+    out: list[Example] = []
+    for hub_split in src.splits[split]:
+        ds = _hub_dataset(f"{_DISPLAY[task]} {split}", src.repo, src.config, hub_split)
+        if y_col not in ds.column_names and y_col == "coarse_label" and "label-coarse" in ds.column_names:
+            y_col = "label-coarse"  # older copies of TREC
+        a = list(ds[a_col])
+        b = list(ds[b_col]) if b_col else [None] * len(a)
+        y = list(ds[y_col])
+        for ta, tb, label in zip(a, b, y):
+            if task in REGRESSION_TASKS:
+                out.append(Example(ta, tb, float(label)))
+            elif task == "snli" and label == -1:
+                continue  # no gold label (as in SentEval's copy)
+            else:
+                out.append(Example(ta, tb, int(label)))
+    return out
+
+
+WIKI1M_REPO = "princeton-nlp/datasets-for-simcse"
+WIKI1M_FILE = "wiki1m_for_simcse.txt"
+
+
+def load_wiki1m(data_dir: str | Path | None = None, source: str = "auto", limit: int | None = None) -> list[str]:
+    """SimCSE's one million Wikipedia sentences, in file order (first `limit` if given).
+
+    local: ``<data_dir>/simcse/wiki1m_for_simcse.txt`` (not in shared/data: too large);
+    hub: the file ``wiki1m_for_simcse.txt`` of the dataset repository
+    ``princeton-nlp/datasets-for-simcse`` (downloaded once with huggingface_hub).
+    """
+    if source not in SOURCES:
+        raise UsageError(f"--source {source}: allowed are {', '.join(SOURCES)}")
+    data_dir = Path(data_dir) if data_dir is not None else shared_data_dir()
+    local = data_dir / "simcse" / WIKI1M_FILE
+    if source == "local" or (source == "auto" and local.is_file()):
+        path = _need(data_dir, f"simcse/{WIKI1M_FILE}", "SimCSE wiki1m")
+    else:
+        path = _hub_file("SimCSE wiki1m", WIKI1M_REPO, WIKI1M_FILE, local)
+    out = []
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            if limit is not None and len(out) >= limit:
+                break
+            if line.strip():
+                out.append(line.rstrip("\n").rstrip("\r"))
+    return out
+
+
+def _hub_file(what: str, repo: str, filename: str, local: Path) -> Path:
+    """Download (or find in the HF cache) one file of a hub dataset repository."""
+    tried = f"file '{filename}' of hub dataset '{repo}'"
+    how = f"run once on a machine with network so the HF cache holds it, or put it at {local}"
+    reason = hub_unavailable_reason()
+    from huggingface_hub import hf_hub_download
+
+    try:
+        # local_files_only reads the cache without any request when the hub cannot be asked.
+        return Path(hf_hub_download(repo, filename, repo_type="dataset", local_files_only=reason is not None))
+    except Exception as e:  # noqa: BLE001 - any failure here means the file is not available
+        if reason is not None:
+            state = f"the Hugging Face hub is {reason} and {tried} is not in the HF cache"
+        else:
+            state = f"{tried} could not be downloaded ({_first_line(e)})"
+        raise MissingError(f"{what}: {state}; {how}") from None
+
+
+def _first_line(e: BaseException) -> str:
+    """The first line of an exception's message (for one-line errors)."""
+    text = str(e).strip()
+    return text.splitlines()[0][:200] if text else type(e).__name__
