@@ -347,6 +347,44 @@ def similarity_consistency_eq7(w_label: torch.Tensor, log_w_metric: torch.Tensor
     return -(w_label * log_w_metric).sum(1).mean()
 
 
+def ce_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device, amp_dtype):
+    """Plain cross-entropy on the weak view: the CE baseline, and LaCoL's warm-up."""
+    with utils.autocast(device, amp_dtype):
+        logits, _ = model(x, with_embedding=False)
+    loss = F.cross_entropy(logits.float(), y)
+    return loss, {"l_ce": loss}
+
+
+def lacol_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, args: Args, device, amp_dtype,
+               selected: torch.Tensor | None = None, weights: torch.Tensor | None = None):
+    """The LaCoL objective (Eq. 8) on one batch. `x` stacks the weak, strong and strong'
+    views ([3B, C, H, W]), all three through one forward pass. `selected`/`weights`: this
+    batch's part of the epoch's high-confidence set and the epoch's class weights; None
+    selects within the batch (`--selection batch`). Returns (loss, terms, selected)."""
+    b = y.shape[0]
+    with utils.autocast(device, amp_dtype):
+        logits, z = model(x)
+    logits, z = logits.float(), z.float()
+    lw, ls1 = logits[:b], logits[b: 2 * b]
+    zw, zs1, zs2 = z[:b], z[b: 2 * b], z[2 * b:]
+    pw = lw.softmax(1)
+    if selected is None:
+        selected = select_high_confidence_eq3(pw.detach(), y)
+        weights = class_weights_eq4(y[selected], logits.shape[1], args.class_weight)
+    ls_logits = lw if args.wo_diversity else ls1  # w/o diversity: train on the view that selected
+    terms = {"l_ls": weighted_ce_eq4(ls_logits, y, selected, weights)}
+    loss = terms["l_ls"]
+    if not args.wo_ms:
+        neg_idx, neg_valid = sample_negatives_eq1(y, args.k_neg)
+        terms["l_ms"] = latent_contrastive_loss_eq2(zw, zs1, neg_idx, neg_valid, args.tau)
+        loss = loss + args.lambda_ms * terms["l_ms"]
+    if not args.wo_sc:
+        w_l = label_similarity_eq5(pw.detach() if args.sc_stopgrad else pw, args.rho, args.label_sim)
+        terms["l_sc"] = similarity_consistency_eq7(w_l, metric_log_similarity_eq6(zs1, zs2, args.tau))
+        loss = loss + args.lambda_sc * terms["l_sc"]
+    return loss, terms, selected
+
+
 # =========================================================================================
 # Training and evaluation
 # =========================================================================================
@@ -471,36 +509,16 @@ def main(args: Args) -> dict:
                 *views, y, idx = batch
                 y = y.to(device, non_blocking=True)
                 b = y.shape[0]
-                x = torch.cat(views if lacol_phase else views[:1]).to(device, non_blocking=True)
+                x = torch.cat(views if lacol_phase else views[:1]).to(device, non_blocking=True)  # [3B or B, C, H, W]
                 if device.type == "cuda":
                     x = x.contiguous(memory_format=torch.channels_last)
-                with utils.autocast(device, amp_dtype):
-                    logits, z = model(x, with_embedding=lacol_phase)
-                logits = logits.float()
                 if not lacol_phase:  # CE baseline, and LaCoL's warm-up: plain CE on the weak view
-                    terms = {"l_ce": F.cross_entropy(logits, y)}
-                    loss = terms["l_ce"]
+                    loss, terms = ce_step(model, x, y, device, amp_dtype)
                 else:
-                    z = z.float()
-                    lw, ls1 = logits[:b], logits[b: 2 * b]
-                    zw, zs1, zs2 = z[:b], z[b: 2 * b], z[2 * b:]
-                    pw = lw.softmax(1)
                     if args.selection == "epoch":
-                        selected = sel[idx].to(device)
+                        loss, terms, selected = lacol_step(model, x, y, args, device, amp_dtype, sel[idx].to(device), weights)
                     else:
-                        selected = select_high_confidence_eq3(pw.detach(), y)
-                        weights = class_weights_eq4(y[selected], num_classes, args.class_weight)
-                    ls_logits = lw if args.wo_diversity else ls1  # w/o diversity: train on the selecting view
-                    terms = {"l_ls": weighted_ce_eq4(ls_logits, y, selected, weights)}
-                    loss = terms["l_ls"]
-                    if not args.wo_ms:
-                        neg_idx, neg_valid = sample_negatives_eq1(y, args.k_neg)
-                        terms["l_ms"] = latent_contrastive_loss_eq2(zw, zs1, neg_idx, neg_valid, args.tau)
-                        loss = loss + args.lambda_ms * terms["l_ms"]
-                    if not args.wo_sc:
-                        w_l = label_similarity_eq5(pw.detach() if args.sc_stopgrad else pw, args.rho, args.label_sim)
-                        terms["l_sc"] = similarity_consistency_eq7(w_l, metric_log_similarity_eq6(zs1, zs2, args.tau))
-                        loss = loss + args.lambda_sc * terms["l_sc"]
+                        loss, terms, selected = lacol_step(model, x, y, args, device, amp_dtype)
                     sel_count += int(selected.sum())
                     if known_clean:
                         sel_clean += int((selected & (y == clean_y[idx].to(device))).sum())
@@ -546,7 +564,7 @@ def main(args: Args) -> dict:
     summary = {
         "method": args.method + ("_wo_ms" if args.wo_ms else "") + ("_wo_sc" if args.wo_sc else "")
         + ("_wo_diversity" if args.wo_diversity else ""),
-        "script": "lacol.py", "dataset": args.dataset, "setting": noise_info["spec"], "seed": args.seed,
+        "script": "lacol.py", "primary_metric": "acc", "dataset": args.dataset, "setting": noise_info["spec"], "seed": args.seed,
         "noise": noise_info, "n_train": n_train, "epochs_done": len(history), "steps": step,
         "final": {"acc": history[-1] if history else None, "epoch": len(history)},
         "best": {"acc": history[best] if history else None, "epoch": best + 1},

@@ -1,0 +1,1 @@
+"""Benchmark harness: reported numbers, suites of runs, runner, report, regression check."""

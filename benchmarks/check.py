@@ -1,0 +1,97 @@
+"""Regression check: fresh results against a committed baseline.
+
+    python -m benchmarks.run --suite smoke && python -m benchmarks.check --suite smoke
+    python -m benchmarks.check --suite smoke --update      # explicit: rewrite the baseline
+
+For each run id in benchmarks/baselines/<suite>.json, the mean over seeds of the fresh final
+metric must not fall below the baseline mean by more than the tolerance
+
+    tol = max(K_STD * baseline seed std, FLOOR)
+
+(K_STD = 3; FLOOR = 2.0 metric points: smoke runs are a few hundred steps, and a change of
+library version moves them by about a point). A missing run fails the check too. The baseline
+changes only through `--update`, never as a side effect.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from benchmarks.report import collect, git_commit
+from benchmarks.suites import SUITES
+
+HERE = Path(__file__).resolve().parent
+K_STD = 3.0
+FLOOR = 2.0
+
+
+def fresh_values(suite: str, runs_dir: Path) -> dict[str, dict]:
+    data = collect(runs_dir)
+    out = {}
+    for run in SUITES[suite].runs:
+        vals = [s["summary"]["final"][run.metric] for s in data.get(run.id, [])]
+        if vals:
+            out[run.id] = {"metric": run.metric, "higher_is_better": run.higher_is_better, "values": vals,
+                           "mean": statistics.fmean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0}
+    return out
+
+
+def check(baseline: dict, fresh: dict, floor: float = FLOOR, k_std: float = K_STD) -> list[str]:
+    """Return one line per problem (empty: the check passes)."""
+    problems = []
+    for run_id, base in baseline["runs"].items():
+        if run_id not in fresh:
+            problems.append(f"{run_id}: no fresh result")
+            continue
+        tol = max(k_std * base["std"], floor)
+        f = fresh[run_id]["mean"]
+        drop = (base["mean"] - f) if base.get("higher_is_better", True) else (f - base["mean"])
+        if drop > tol:
+            problems.append(f"{run_id}: {base['metric']} {f:.2f} vs baseline {base['mean']:.2f} "
+                            f"(worse by {drop:.2f} > tolerance {tol:.2f})")
+    return problems
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--suite", default="smoke", choices=sorted(SUITES))
+    ap.add_argument("--runs", default=None, help="default runs/bench/<suite>")
+    ap.add_argument("--baseline", default=None, help="default benchmarks/baselines/<suite>.json")
+    ap.add_argument("--update", action="store_true", help="write the fresh results as the new baseline")
+    args = ap.parse_args(argv)
+    runs = Path(args.runs or f"runs/bench/{args.suite}")
+    base_path = Path(args.baseline or HERE / "baselines" / f"{args.suite}.json")
+    fresh = fresh_values(args.suite, runs)
+    if args.update:
+        if not fresh:
+            print(f"no results under {runs}: nothing to write", file=sys.stderr)
+            return 1
+        base_path.parent.mkdir(parents=True, exist_ok=True)
+        base_path.write_text(json.dumps({"suite": args.suite, "created": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                                         "commit": git_commit(), "k_std": K_STD, "floor": FLOOR, "runs": fresh},
+                                        indent=2, sort_keys=True) + "\n")
+        print(f"baseline written: {base_path} ({len(fresh)} runs)")
+        return 0
+    if not base_path.exists():
+        print(f"no baseline {base_path}; create one with --update", file=sys.stderr)
+        return 1
+    baseline = json.loads(base_path.read_text())
+    problems = check(baseline, fresh, baseline.get("floor", FLOOR), baseline.get("k_std", K_STD))
+    for run_id, base in sorted(baseline["runs"].items()):
+        f = fresh.get(run_id)
+        print(f"{run_id:40s} baseline {base['mean']:7.2f} ± {base['std']:.2f}   fresh "
+              + (f"{f['mean']:7.2f} ± {f['std']:.2f}" if f else "   missing"))
+    if problems:
+        print("REGRESSION:\n  " + "\n  ".join(problems))
+        return 1
+    print(f"check passed: {len(baseline['runs'])} runs within tolerance of {base_path.name}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

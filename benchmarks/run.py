@@ -1,0 +1,162 @@
+"""Run a suite: expand suite x seeds into script invocations and run them.
+
+    python -m benchmarks.run --suite cpu --seeds 0 1 2 --only lacol
+    python -m benchmarks.run --suite paper --dry-run           # print every command
+    python -m benchmarks.run --suite paper --launcher slurm --slurm-partition gpu
+
+Each run writes to <out-dir>/<suite>/<run id>__seed<S>/. A run whose summary.json exists is
+skipped, one with a checkpoint but no summary is resumed (`--resume`), so an interrupted
+benchmark continues where it stopped. A failed run is recorded in failures.jsonl (command,
+exit code, the end of its stderr) and the others go on. `--results-dir` copies each finished
+run's small files (args, metrics, summary) there, e.g. benchmarks/results/cpu/runs/, so they
+can be committed as they complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from benchmarks.suites import SINGLE_SEED, SUITES, Run
+
+ROOT = Path(__file__).resolve().parent.parent
+SMALL_FILES = ("args.json", "metrics.jsonl", "summary.json")
+
+
+def run_dir(out: Path, run: Run, seed: int) -> Path:
+    return out / f"{run.id}__seed{seed}"
+
+
+def expand(suite: str, seeds: list[int] | None, only: list[str] | None) -> list[tuple[Run, int]]:
+    """suite x seeds, filtered by --only (substrings of the run id)."""
+    s = SUITES[suite]
+    out = []
+    for run in s.runs:
+        if only and not any(o in run.id for o in only):
+            continue
+        for seed in (seeds or s.default_seeds):
+            if run.id in SINGLE_SEED and seed != 0:
+                continue
+            out.append((run, seed))
+    return out
+
+
+def command(run: Run, seed: int, out: Path, python: str = sys.executable) -> list[str]:
+    """The script invocation of one run; a started run with a checkpoint is resumed."""
+    d = run_dir(out, run, seed)
+    script = run.script.split()
+    if (d / "checkpoint.pt").exists() and not (d / "summary.json").exists():
+        return [python, *script, "--resume", str(d)]
+    return [python, *script, *run.args, "--seed", str(seed), "--out-dir", str(out), "--exp-name", d.name]
+
+
+def status(run: Run, seed: int, out: Path) -> str:
+    d = run_dir(out, run, seed)
+    if (d / "summary.json").exists():
+        return "done"
+    if (d / "checkpoint.pt").exists():
+        return "resume"
+    return "todo"
+
+
+def execute(run: Run, seed: int, out: Path, results_dir: Path | None, log=print) -> dict:
+    d = run_dir(out, run, seed)
+    st = status(run, seed, out)
+    if st == "done":
+        log(f"skip   {d.name} (summary.json exists)")
+        copy_small_files(d, results_dir)
+        return {"id": run.id, "seed": seed, "status": "skipped"}
+    if st == "todo" and d.exists():
+        shutil.rmtree(d)  # a start that died before its first checkpoint: begin again
+    cmd = command(run, seed, out)
+    log(("resume " if st == "resume" else "run    ") + " ".join(cmd))
+    t = time.time()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1"}
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
+    rec = {"id": run.id, "seed": seed, "cmd": cmd, "returncode": p.returncode, "wall_s": round(time.time() - t, 1)}
+    if p.returncode != 0:
+        rec["status"] = "failed"
+        rec["stderr_tail"] = p.stderr[-2000:]
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / "failures.jsonl", "a") as fh:
+            fh.write(json.dumps({**rec, "time": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n")
+        log(f"FAILED {d.name} (exit {p.returncode}): {p.stderr.strip().splitlines()[-1] if p.stderr.strip() else ''}")
+    else:
+        rec["status"] = "ok"
+        copy_small_files(d, results_dir)
+        log(f"done   {d.name} in {rec['wall_s']} s")
+    return rec
+
+
+def copy_small_files(d: Path, results_dir: Path | None) -> None:
+    if results_dir is None or not (d / "summary.json").exists():
+        return
+    dest = results_dir / d.name
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in SMALL_FILES:
+        if (d / f).exists():
+            shutil.copy2(d / f, dest / f)
+
+
+def submit_slurm(jobs: list[tuple[Run, int]], out: Path, args) -> None:
+    """Submit each command as one Slurm job through submitit."""
+    import submitit
+
+    ex = submitit.AutoExecutor(folder=str(out / "slurm_logs"))
+    ex.update_parameters(timeout_min=args.slurm_time_min, slurm_partition=args.slurm_partition,
+                         gpus_per_node=args.slurm_gpus, cpus_per_task=args.slurm_cpus, name="lis-bench")
+    with ex.batch():
+        for run, seed in jobs:
+            if status(run, seed, out) != "done":
+                ex.submit(submitit.helpers.CommandFunction(command(run, seed, out, "python"), cwd=str(ROOT)))
+    print(f"submitted {len(jobs)} jobs; logs in {out / 'slurm_logs'}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--suite", required=True, choices=sorted(SUITES))
+    ap.add_argument("--seeds", type=int, nargs="*", help="default: the suite's seeds")
+    ap.add_argument("--only", nargs="*", help="keep runs whose id contains one of these strings (e.g. lacol)")
+    ap.add_argument("--out-dir", default="runs/bench", help="parent of <suite>/<run>__seed<S>/")
+    ap.add_argument("--results-dir", default=None, help="copy finished runs' small files here (to commit them)")
+    ap.add_argument("--workers", type=int, default=1, help="runs in parallel (local launcher)")
+    ap.add_argument("--dry-run", action="store_true", help="print the commands and their status, run nothing")
+    ap.add_argument("--launcher", choices=["local", "slurm"], default="local")
+    ap.add_argument("--slurm-partition", default=None)
+    ap.add_argument("--slurm-gpus", type=int, default=1)
+    ap.add_argument("--slurm-cpus", type=int, default=8)
+    ap.add_argument("--slurm-time-min", type=int, default=24 * 60)
+    args = ap.parse_args(argv)
+
+    out = Path(args.out_dir) / args.suite
+    jobs = expand(args.suite, args.seeds, args.only)
+    if not jobs:
+        print(f"no runs in suite {args.suite} match --only {args.only}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        for run, seed in jobs:
+            print(f"[{status(run, seed, out):6s}] {run.group} | {run.row or '-'}\n    " + " ".join(command(run, seed, out, "python")))
+        print(f"{len(jobs)} runs ({sum(status(r, s, out) == 'done' for r, s in jobs)} done)")
+        return 0
+    if args.launcher == "slurm":
+        submit_slurm(jobs, out, args)
+        return 0
+    results = Path(args.results_dir) if args.results_dir else None
+    with ThreadPoolExecutor(max_workers=max(1, args.workers)) as pool:
+        recs = list(pool.map(lambda j: execute(j[0], j[1], out, results), jobs))
+    failed = [r for r in recs if r["status"] == "failed"]
+    print(f"{len(recs)} runs: {sum(r['status'] == 'ok' for r in recs)} ran, "
+          f"{sum(r['status'] == 'skipped' for r in recs)} skipped, {len(failed)} failed"
+          + (f" (see {out / 'failures.jsonl'})" if failed else ""))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

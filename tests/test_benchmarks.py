@@ -1,0 +1,136 @@
+"""The benchmark harness on hand-made run folders: expansion, skip/resume, failure
+recording, report statistics, regression check."""
+
+import csv
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+
+from benchmarks import check, report, run, suites
+from benchmarks.suites import Run, Suite
+
+HERE = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def _write_run(folder: Path, run_id: str, seed: int, curve: list[float], metric: str = "acc"):
+    d = folder / f"{run_id}__seed{seed}"
+    d.mkdir(parents=True)
+    with open(d / "metrics.jsonl", "w") as fh:
+        for i, v in enumerate(curve):
+            fh.write(json.dumps({"step": i + 1, "epoch": i + 1, "split": "test", metric: v}) + "\n")
+    best = max(curve)
+    (d / "summary.json").write_text(json.dumps({
+        "final": {metric: curve[-1]}, "best": {metric: best, "epoch": curve.index(best) + 1}, "seed": seed,
+        "machine": "test", "git_commit": "abc"}))
+    return d
+
+
+@pytest.fixture
+def toy_suite(monkeypatch):
+    s = Suite("toy", [Run("a", "lacol.py", ("--x", "1"), "Toy table", "lacol/cifar10/sym40/lacol"),
+                      Run("b", "lacol.py", ("--x", "2"), "Toy table")], (0, 1, 2),
+              [suites.Claim("a beats b", "a", "b")])
+    monkeypatch.setitem(suites.SUITES, "toy", s)
+    monkeypatch.setitem(run.SUITES, "toy", s)
+    monkeypatch.setitem(report.SUITES, "toy", s)
+    monkeypatch.setitem(check.SUITES, "toy", s)
+    return s
+
+
+def test_expansion_suite_times_seeds_and_only(toy_suite):
+    jobs = run.expand("toy", None, None)
+    assert [(r.id, s) for r, s in jobs] == [("a", 0), ("a", 1), ("a", 2), ("b", 0), ("b", 1), ("b", 2)]
+    assert [(r.id, s) for r, s in run.expand("toy", [5], ["b"])] == [("b", 5)]
+    cmd = run.command(toy_suite.runs[0], 1, Path("out"), "python")
+    assert cmd == ["python", "lacol.py", "--x", "1", "--seed", "1", "--out-dir", "out", "--exp-name", "a__seed1"]
+
+
+def test_paper_suite_covers_every_lacol_table_row():
+    rows = {r.row for r in suites.SUITES["paper"].runs if r.row}
+    with open(HERE / "reported.csv") as fh:
+        lacol_rows = {r["id"] for r in csv.DictReader(fh) if r["paper"] == "lacol"}
+    assert lacol_rows <= rows  # every reproducible LaCoL number has a run
+
+
+def test_reported_rows_referenced_by_suites_exist():
+    with open(HERE / "reported.csv") as fh:
+        ids = {r["id"] for r in csv.DictReader(fh)}
+    for s in suites.SUITES.values():
+        for r in s.runs:
+            assert r.row is None or r.row in ids, r.row
+
+
+def test_skip_if_done_resume_if_checkpoint_and_record_failures(toy_suite, tmp_path, monkeypatch):
+    a, b = toy_suite.runs
+    _write_run(tmp_path, "a", 0, [1.0, 2.0])
+    assert run.status(a, 0, tmp_path) == "done"
+    rec = run.execute(a, 0, tmp_path, None, log=lambda *x: None)
+    assert rec["status"] == "skipped"
+    # a started run with a checkpoint is resumed
+    d = tmp_path / "b__seed0"
+    d.mkdir()
+    (d / "checkpoint.pt").write_bytes(b"x")
+    assert run.status(b, 0, tmp_path) == "resume"
+    assert run.command(b, 0, tmp_path, "python")[-2:] == ["--resume", str(d)]
+    # a failing command is recorded, and the runner goes on
+    bad = Run("bad", "-c", ("import sys; sys.stderr.write('boom\\n'); sys.exit(7)",), "Toy table")
+    monkeypatch.setattr(run, "command", lambda r, s, o, p=None: ["python3", "-c", r.args[0]])
+    rec = run.execute(bad, 0, tmp_path, None, log=lambda *x: None)
+    assert rec["status"] == "failed" and rec["returncode"] == 7
+    failures = [json.loads(x) for x in (tmp_path / "failures.jsonl").read_text().splitlines()]
+    assert failures[0]["id"] == "bad" and "boom" in failures[0]["stderr_tail"]
+
+
+def test_results_dir_gets_the_small_files_only(toy_suite, tmp_path):
+    d = _write_run(tmp_path / "runs", "a", 0, [1.0])
+    (d / "checkpoint.pt").write_bytes(b"big")
+    run.copy_small_files(d, tmp_path / "results")
+    assert sorted(p.name for p in (tmp_path / "results" / "a__seed0").iterdir()) == ["metrics.jsonl", "summary.json"]
+
+
+def test_report_mean_std_best_and_last(toy_suite, tmp_path):
+    curves = {0: [50.0, 70.0, 60.0], 1: [55.0, 65.0, 64.0], 2: [40.0, 80.0, 62.0]}
+    for seed, c in curves.items():
+        _write_run(tmp_path, "a", seed, c)
+    _write_run(tmp_path, "b", 0, [10.0, 20.0])
+    st = report.row_stats(toy_suite.runs[0], report.collect(tmp_path)["a"])
+    assert st["n"] == 3
+    assert st["best"][0] == pytest.approx(statistics.fmean([70, 65, 80]))
+    assert st["best"][1] == pytest.approx(statistics.stdev([70, 65, 80]))
+    assert st["last"][0] == pytest.approx(statistics.fmean([60, 64, 62]))
+    text = report.build_report("toy", tmp_path, tmp_path / "out", plots=True)
+    assert "| a | acc | 3 | 71.67 ± 7.64 | 62.00 ± 2.00 | 92.33 |" in text
+    assert "partial (1/3 seeds)" in text  # b has one of three seeds
+    assert "| a beats b (last) | 62.00 ± 2.00 | 20.00 ± 0.00 | yes |" in text
+    assert (tmp_path / "out" / "report.md").exists() and list((tmp_path / "out").glob("curves_*.png"))
+
+
+def test_check_passes_on_its_own_baseline_and_fails_on_a_regression(toy_suite, tmp_path):
+    for seed, v in enumerate([60.0, 61.0, 62.0]):
+        _write_run(tmp_path / "base", "a", seed, [v])
+        _write_run(tmp_path / "base", "b", seed, [30.0 + seed])
+    base_file = tmp_path / "baseline.json"
+    assert check.main(["--suite", "toy", "--runs", str(tmp_path / "base"), "--baseline", str(base_file), "--update"]) == 0
+    assert check.main(["--suite", "toy", "--runs", str(tmp_path / "base"), "--baseline", str(base_file)]) == 0
+    # a regression: method a drops by 6 points (tolerance = max(3 * std 1.0, floor 2.0) = 3)
+    for seed, v in enumerate([54.0, 55.0, 56.0]):
+        _write_run(tmp_path / "worse", "a", seed, [v])
+        _write_run(tmp_path / "worse", "b", seed, [30.0 + seed])
+    assert check.main(["--suite", "toy", "--runs", str(tmp_path / "worse"), "--baseline", str(base_file)]) == 1
+    # within tolerance: a drop of 2.5
+    for seed, v in enumerate([57.5, 58.5, 59.5]):
+        _write_run(tmp_path / "near", "a", seed, [v])
+        _write_run(tmp_path / "near", "b", seed, [30.0 + seed])
+    assert check.main(["--suite", "toy", "--runs", str(tmp_path / "near"), "--baseline", str(base_file)]) == 0
+    # a missing run fails
+    _write_run(tmp_path / "missing", "a", 0, [61.0])
+    assert check.main(["--suite", "toy", "--runs", str(tmp_path / "missing"), "--baseline", str(base_file)]) == 1
+
+
+def test_dry_run_lists_the_paper_suite(capsys):
+    assert run.main(["--suite", "paper", "--dry-run", "--only", "lacol"]) == 0
+    out = capsys.readouterr().out
+    assert "lacol.py --preset cifar100 --noise asym40 --wo-sc --seed 4" in out
+    assert "180 runs" in out
