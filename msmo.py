@@ -1,0 +1,1248 @@
+"""MSMO: Multi-Scale and Multi-Objective optimization for cross-lingual aspect-based sentiment.
+
+Paper: "MSMO-ABSA: Multi-Scale and Multi-Objective Optimization for Cross-Lingual Aspect-Based
+Sentiment Analysis" (arXiv 2502.13718). Only a SUMMARY of the paper is available here
+(../shared/papers/msmo_summary.txt), so the method was implemented from three sources, in this
+order of authority; every choice in the code carries the tag of its source:
+  [summary]  the paper summary;
+  [repo]     the authors' public repository swaggy66/MSMO (incomplete: its data_utils.py and
+             model.py were never committed, its run script calls a main.py that does not exist);
+  [xabsa]    the benchmark it builds on, IsakZhang/XABSA (data files, tagging, metric, distillation);
+  [ours]     a choice none of the three makes.
+Where the summary and the repository disagree, both are here behind a flag and the summary is the
+default.
+
+Task: unified aspect-based sentiment as token tagging, trained on English (SemEval-2016
+restaurants) and evaluated zero-shot on a target language (fr, es, nl, ru) by micro-F1 on exact
+(begin, end, polarity) aspect spans. One file, top to bottom: arguments, data (XABSA files, tags,
+aligned code-switched pairs), model, the method's losses as plain functions, the per-step
+functions, the training and distillation stages, evaluation, main.
+
+    python msmo.py --preset smoke                          # seconds: tiny random BERT, real XABSA files
+    python msmo.py --preset cpu --method acs --lang fr     # CPU scale: multilingual-e5-small, real data
+    python msmo.py --lang fr                               # MSMO, mBERT, the paper's setting (GPU)
+    python msmo.py --preset xlmr-base --lang es            # MSMO, XLM-R base
+    python msmo.py --method zero_shot --eval-langs fr es nl ru    # one English model, four test sets
+    python msmo.py --lang nl --no-cons                     # ablation: without the aspect-level objective
+    python msmo.py --lang nl --no-critic-codeswitch        # ablation: the critic sees no code-switched text
+    python msmo.py --method distill --lang fr --teachers runs/A runs/B runs/C --student-init runs/A
+    python msmo.py --lang fr --distill --teachers runs/B runs/C   # MSMO, then MSMO-Distill in the same run
+    python msmo.py --resume runs/<run>                     # continue (teacher training or distillation)
+
+Methods (--method):
+  zero_shot   tagging cross-entropy on English gold train only                          [xabsa]
+  acs         the same on the ACS mixture: English gold + translated target (smt-XX) + both
+              code-switched sets (cs_en-XX, cs_XX-en), no extra objective                [xabsa]
+  supervised  the upper bound: target-language gold train                               [xabsa]
+  msmo        ACS + sentence-level adversarial alignment + aspect-level consistency   [summary]
+  distill     MSMO-Distill: a student fitted to the averaged softmax of trained teachers on
+              unlabeled target-language text (also: --distill after training, same run) [summary]
+
+MSMO, per encoder step (all terms from ONE encoder forward over the CE batch and the pair batch):
+  tagging CE      mean token CE at first sub-tokens of a batch of the ACS mixture          [repo]
+  sentence level  Wasserstein critic Q (dropout + Linear(hidden, 1) per token); source rows =
+                  English-context sentences of the batch, target rows = target-context ones.
+                  The critic takes n_critic Adam steps on the DETACHED features of this forward,
+                  maximizing W = mean Q(source) - mean Q(target) (means over non-padding tokens),
+                  weights clipped to +-0.01 after each step; then the encoder adds lambda * W,
+                  lambda = 0.01. n_critic = 5, 10 in the first 25 steps and every 500th.   [repo]
+                  --adversary grl: a language classifier behind gradient reversal.     [summary]
+  aspect level    for each aligned aspect pair (an aspect in a sentence and the same aspect in
+                  its code-switched counterpart), the 5-way span distribution [POS, NEG, NEU, O,
+                  rest] from the token softmax of the aspect's OWN tokens, and the symmetric KL
+                  (KL(p||q) + KL(q||p)) / 2, mean over the pairs of the batch; weight beta.  [repo]
+  schedule        two-step (default): adversarial alignment (CE + lambda W) for the first
+                  --two-step-split of the steps, then consistency (CE + beta KL)        [summary]
+                  --schedule joint: all three terms every step                              [repo]
+
+Readings of the sources and departures from them (README "paper vs. code" has the table):
+- Tags: BIEOS, 13 tags (the benchmark's, and the repository's) by default; --tagging bio is the
+  summary's wording. Spans come from common.text_data.decode_aspect_spans (a T-run is one aspect;
+  a change of polarity between adjacent T-tags starts a new aspect, where XABSA's converter makes
+  one mixed-polarity aspect that its metric drops: 2 cases in all XABSA files).
+- Metric: micro-F1 (in %) on exact (begin, end, polarity) spans; predicted word tags are the
+  argmax at each word's first sub-token; decoding is strict (an aspect needs its B ... E, or S;
+  mixed polarity is dropped), where XABSA's tag2absa lets an O sit between B and E. Gold spans
+  are the file's own spans, so a word cut off by --max-len counts as a miss (XABSA drops it).
+  No 1e-4 smoothing constant in precision/recall (XABSA adds one).
+- Aligned pairs [ours, from the data]: the files are NOT parallel line by line (smt-XX and
+  cs_en-XX have 1,571-1,586 sentences, gold-en and cs_XX-en 1,600 but in a different order after
+  line 139). Each code-switched sentence is matched to its source sentence by content: same
+  tokens outside the aspects, same aspect count, positions and polarities (cs_XX-en <-> gold-en,
+  cs_en-XX <-> smt-XX); a sentence matching several sources whose aspect texts differ is left
+  out. The k-th aspect of one side aligns with the k-th of the other. English gold <-> smt-XX
+  (the translation pairs) are not used: they cannot be aligned reliably from the files.
+  Used pairs per language: ~960 source-side + ~955 target-side sentence pairs with aspects.
+- The repository's defects are NOT reproduced: the tagging CE is backpropagated once (the repo
+  calls backward on it twice, doubling its gradient); the critic's mean excludes padding; the
+  span distribution reads the aspect's own token positions (the repo indexes position i); any
+  number of teachers (the repo hard-codes 1/3 weights for three); the critic's learning rate is
+  not decayed per critic step (the repo steps its linear schedule once per critic step, so the
+  critic stops learning after ~1/5 of training).
+- Critic data: the critic reuses the detached features of the encoder step (no extra encoder
+  pass) [ours]; the repository draws fresh source/target batches for every critic step and runs
+  the encoder on each: --critic-data fresh (2 x n_critic extra forward passes without gradient).
+  The source/target rows come from the CE batch itself [ours]; the repository uses its labeled
+  batch as source and a separate unlabeled target batch.
+- Code-switched text in the critic: on by default (the summary: the discriminator sees D_ST and
+  D_TS); cs_XX-en (English context) counts as source, cs_en-XX (target context) as target.
+  --no-critic-codeswitch: only gold-en vs smt-XX, as the repository's loaders are fed.
+- Gradient reversal (--adversary grl) [ours: the summary only says "flipping gradients"]: the
+  same per-token head as a language classifier, BCE (source 1, target 0) averaged per side over
+  non-padding tokens, one update per encoder step, the encoder's gradient reversed and scaled by
+  lambda; no clipping.
+- Two-step schedule: the split point is not given (ours: half the steps, --two-step-split); the
+  tagging CE is trained in both steps (a tagger is needed throughout). One linear learning-rate
+  decay spans both steps.
+- Consistency: all aspects of a pair are used (the repository caps at 10 per sentence); a pair
+  with an aspect cut off by --max-len on either side is skipped (the repository skips a
+  sentence whose aspect is missing on one side); no confidence mask (the repository's
+  threshold defaults to 0). Probabilities are floored at 1e-20 by clamping. The consistency batch
+  holds --cons-batch sentence pairs (repository: 16 pairs for mBERT, 32 for XLM-R), drawn from
+  both pair sets (--cons-pairs).
+- beta: per backbone and language from the table said to be in the paper (mBERT fr/es/nl/ru
+  4.5e-4 / 2.5e-4 / 2.5e-4 / 3.5e-4; XLM-R 2.5e-3 / 1.5e-3 / 1.5e-3 / 3.5e-3; not verifiable
+  here); --beta overrides. The repository's defaults are 2.5e-4 (mBERT) and 2.5e-3 (XLM-R).
+- Distillation [xabsa/repo]: teachers' softmax (no temperature) averaged with equal weights;
+  targets computed once, teachers in eval mode; the student starts from a trained model
+  (--student-init, default the first teacher; with --distill, this run's selected model) and
+  minimizes the MSE between its softmax and the targets over all non-padding tokens (mean over
+  tokens x tags) on unlabeled gold-XX-train text, 1000 steps, Adam at --lr. The student is
+  selected on English dev as well.
+- Optimization [repo]: Adam (no weight decay), no warm-up, linear decay to 0 over --steps,
+  gradient-norm clip 1.0; the critic has its own Adam at --lr. Model selection [repo]: best
+  English-dev F1 among evaluations every --eval-every steps from --select-from on (1500-2000
+  for mBERT, 2000-2500 for XLM-R); supervised selects on target dev (--select-dev auto).
+- The test sets are evaluated only where a result needs them (each new best in the selection
+  window, and the last evaluation); --test-every-eval evaluates them every time.
+- Initialization of the tagger and critic heads: normal(0, 0.02), bias 0 (BERT's); the critic
+  is clipped from the start.
+- --freeze-embeddings (CPU preset) keeps the word-embedding matrix fixed [ours: 96M of
+  e5-small's 118M parameters are that matrix; the repository's --fix_emb never worked].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from common import utils
+from common.text_data import POLARITIES, XABSA_LANGS, XABSA_TARGETS, AbsaSentence, decode_aspect_spans, load_xabsa
+from common.text_models import load_encoder, tiny_encoder
+from common.utils import MissingError, UsageError, arg
+
+METHODS = ("msmo", "acs", "zero_shot", "supervised", "distill")
+
+
+# =========================================================================================
+# Arguments (defaults: the paper's mBERT setting, from the repository's run script)
+# =========================================================================================
+@dataclass
+class Args:
+    """MSMO, its baselines (zero-shot, ACS, supervised) and MSMO-Distill on XABSA."""
+
+    # -- run
+    exp_name: str = arg("", "run directory name (default: method__xabsa_DOMAIN__en-LANG__seedN__time)")
+    seed: int = arg(0, "random seed (initialisation, data order, dropout)")
+    device: str = arg("auto", "auto, cpu, cuda or cuda:N")
+    precision: str = arg("auto", "auto (bf16 on CUDA if supported, fp16 on older GPUs, fp32 on CPU), fp32, bf16, fp16",
+                         choices=["auto", "fp32", "bf16", "fp16"])
+    deterministic: bool = arg(False, "ask PyTorch for deterministic kernels (CUDA: slower)")
+    data_dir: str = arg("", "folder in the layout of shared/data holding xabsa/DOMAIN/*.txt "
+                            "(default: ../shared/data beside the checkout, or $LIS_SHARED_DATA)")
+    out_dir: str = arg("runs", "parent of the run directory")
+    track: bool = arg(False, "also write TensorBoard events to <run>/tb")
+    resume: str = arg("", "run directory to continue from its last checkpoint (training or distillation)")
+    max_steps: int | None = arg(None, "stop each stage after this many optimizer steps (smoke tests; the "
+                                      "learning-rate schedule still spans --steps / --distill-steps)")
+    limit_train: int | None = arg(None, "use the first N sentences of each training file (default: all)")
+    limit_eval: int | None = arg(None, "evaluate on the first N sentences of each dev/test file (default: all)")
+    preset: str | None = arg(None, "named group of settings, applied before the other flags")
+    model: str = arg("bert-base-multilingual-cased", "encoder: a HF hub name or local directory, e5-small / "
+                                                     "minilm-l6 (offline wheels), or tiny (random 2-layer BERT)")
+    # -- data
+    lang: str = arg("fr", "target language", choices=list(XABSA_TARGETS))
+    eval_langs: list[str] = arg([], "target-language test sets to report (default: --lang), e.g. fr es nl ru")
+    domain: str = arg("rest", "XABSA domain folder under xabsa/")
+    tagging: str = arg("bieos", "tag scheme: bieos (XABSA, the repository) or bio (the summary's wording)",
+                       choices=["bieos", "bio"])
+    max_len: int = arg(128, "maximum sub-tokens per sentence, special tokens included")
+    # -- method
+    method: str = arg("msmo", "msmo, a baseline (acs, zero_shot, supervised) or distill (MSMO-Distill from "
+                              "--teachers)", choices=list(METHODS))
+    # -- optimisation
+    lr: float = arg(5e-5, "learning rate (Adam, linear decay to 0, no warm-up)")
+    batch_size: int = arg(16, "sentences per tagging-CE batch")
+    steps: int = arg(2000, "encoder optimizer steps of teacher training")
+    max_grad_norm: float = arg(1.0, "gradient-norm clip of the encoder and tagger")
+    freeze_embeddings: bool = arg(False, "keep the word-embedding matrix fixed (CPU preset)")
+    eval_every: int = arg(100, "evaluate (and checkpoint) every N steps, and at the end")
+    select_from: int = arg(1500, "model selection: best dev F1 among evaluations at step >= N")
+    select_dev: str = arg("auto", "dev set for model selection: en, target, or auto (target for supervised, "
+                                  "else English)", choices=["auto", "en", "target"])
+    test_every_eval: bool = arg(False, "evaluate the test sets at every evaluation (default: at each new best "
+                                       "and at the last one)")
+    # -- MSMO: sentence level
+    adv: bool = arg(True, "msmo: the sentence-level adversarial objective (--no-adv: ablation)")
+    adversary: str = arg("wgan", "wgan: Wasserstein critic (repository); grl: language classifier behind "
+                                 "gradient reversal (the summary's 'flipping gradients')", choices=["wgan", "grl"])
+    lambda_adv: float = arg(0.01, "weight of the adversarial term in the encoder's loss")
+    critic_clip: float = arg(0.01, "wgan: critic weights clipped to [-c, c]")
+    critic_steps: int = arg(5, "wgan: critic updates per encoder step")
+    critic_steps_warm: int = arg(10, "wgan: critic updates in the first --critic-warm-steps steps and every "
+                                     "--critic-warm-every-th")
+    critic_warm_steps: int = arg(25, "wgan: steps with --critic-steps-warm critic updates at the start")
+    critic_warm_every: int = arg(500, "wgan: every N-th step also gets --critic-steps-warm updates")
+    critic_lr: float | None = arg(None, "critic / language-classifier learning rate (Adam; default --lr)")
+    critic_data: str = arg("batch", "batch: critic steps reuse the encoder step's detached features; fresh: new "
+                                    "source/target batches per critic step, encoded without gradient (repository)",
+                           choices=["batch", "fresh"])
+    critic_codeswitch: bool = arg(True, "feed the code-switched sets to the critic (summary); off: only gold-en vs "
+                                        "smt-XX (repository)")
+    # -- MSMO: aspect level and schedule
+    cons: bool = arg(True, "msmo: the aspect-level consistency objective (--no-cons: ablation)")
+    beta: float | None = arg(None, "weight of the consistency term (default: per backbone and language, "
+                                   "--beta-table)")
+    beta_table: str = arg("auto", "which per-language beta table: mbert, xlmr, auto (xlmr for xlm-roberta "
+                                  "models, else mbert)", choices=["auto", "mbert", "xlmr"])
+    cons_batch: int = arg(16, "aligned sentence pairs per consistency batch")
+    cons_pairs: str = arg("both", "pairs for the consistency term: source (gold-en <-> cs_XX-en), target "
+                                  "(smt-XX <-> cs_en-XX) or both", choices=["both", "source", "target"])
+    schedule: str = arg("two-step", "two-step: adversarial alignment, then consistency (summary); joint: all "
+                                    "terms every step (repository)", choices=["two-step", "joint"])
+    two_step_split: float = arg(0.5, "two-step: fraction of --steps spent in the adversarial step")
+    # -- MSMO-Distill
+    distill: bool = arg(False, "after training, distil into a student in the same run (teachers: this run's "
+                               "selected model + --teachers)")
+    teachers: list[str] = arg([], "run directories of trained teachers (their model_best.pt)")
+    student_init: str = arg("", "--method distill: run directory whose selected model starts the student "
+                                "(default: the first teacher)")
+    distill_steps: int = arg(1000, "student optimizer steps")
+    distill_lr: float | None = arg(None, "student learning rate (default --lr)")
+
+
+PRESETS = {
+    "mbert": {"_doc": "the paper's mBERT setting (= the defaults): lr 5e-5, batch 16, 2000 steps, best English "
+                      "dev in steps 1500-2000"},
+    "xlmr-base": {"_doc": "XLM-R base: lr 2e-5, 2500 steps, selection window 2000-2500, 32 consistency pairs",
+                  "model": "xlm-roberta-base", "lr": 2e-5, "steps": 2500, "select_from": 2000, "cons_batch": 32},
+    "xlmr-large": {"_doc": "XLM-R large, as xlmr-base", "model": "xlm-roberta-large", "lr": 2e-5, "steps": 2500,
+                   "select_from": 2000, "cons_batch": 32},
+    "cpu": {"_doc": "CPU-scale protocol: multilingual-e5-small (frozen word embeddings), real XABSA data, "
+                    "300 steps, evaluation every 100 from step 100, 150 distillation steps",
+            "model": "e5-small", "freeze_embeddings": True, "lr": 1e-4, "steps": 300, "eval_every": 100,
+            "select_from": 100, "cons_batch": 8, "beta_table": "xlmr", "distill_steps": 150,
+            "critic_warm_every": 100},
+    "smoke": {"_doc": "seconds: tiny random BERT on the first 64 sentences of each real file",
+              "model": "tiny", "limit_train": 64, "limit_eval": 32, "batch_size": 8, "cons_batch": 4, "steps": 8,
+              "eval_every": 4, "select_from": 0, "distill_steps": 4, "lr": 1e-3, "critic_warm_steps": 2,
+              "max_len": 64},
+}
+
+#: beta per backbone and target language, "said to be in the paper" (METHODS.md; not verifiable here).
+BETA_TABLE = {"mbert": {"fr": 4.5e-4, "es": 2.5e-4, "nl": 2.5e-4, "ru": 3.5e-4},
+              "xlmr": {"fr": 2.5e-3, "es": 1.5e-3, "nl": 1.5e-3, "ru": 3.5e-3}}
+
+
+def validate(args: Args) -> None:
+    """Check the values argparse cannot; each failure is one line naming the flag."""
+    def flag(name: str) -> str:
+        return "--" + name.replace("_", "-")
+
+    for name in ("batch_size", "steps", "eval_every", "critic_steps", "critic_steps_warm", "critic_warm_every",
+                 "cons_batch", "distill_steps"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"{flag(name)} {getattr(args, name)}: must be >= 1")
+    for name in ("limit_train", "limit_eval", "max_steps"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise UsageError(f"{flag(name)} {getattr(args, name)}: must be >= 1 (leave it out for no limit)")
+    for name in ("critic_warm_steps", "select_from", "lambda_adv"):
+        if getattr(args, name) < 0:
+            raise UsageError(f"{flag(name)} {getattr(args, name)}: must be >= 0")
+    for name in ("lr", "critic_clip", "max_grad_norm", "critic_lr", "distill_lr"):
+        if getattr(args, name) is not None and not getattr(args, name) > 0:
+            raise UsageError(f"{flag(name)} {getattr(args, name)}: must be > 0")
+    if args.beta is not None and args.beta < 0:
+        raise UsageError(f"--beta {args.beta}: must be >= 0")
+    if args.max_len < 8:
+        raise UsageError(f"--max-len {args.max_len}: must be >= 8")
+    if not 0 < args.two_step_split < 1:
+        raise UsageError(f"--two-step-split {args.two_step_split}: must be in (0, 1)")
+    for lang in args.eval_langs:
+        if lang not in XABSA_LANGS:
+            raise UsageError(f"--eval-langs {lang}: allowed are {', '.join(XABSA_LANGS)}")
+    if args.method == "distill":
+        if not args.teachers:
+            raise UsageError("--teachers: --method distill needs at least one teacher run directory")
+        if args.distill:
+            raise UsageError("--distill: not with --method distill (which is distillation already)")
+    elif args.teachers and not args.distill:
+        raise UsageError("--teachers: only with --method distill or --distill")
+    if args.student_init and args.method != "distill":
+        raise UsageError("--student-init: only with --method distill (--distill starts from this run's model)")
+
+
+def resolve_beta(args: Args) -> float:
+    """--beta, or the per-language value of the backbone's table."""
+    if args.beta is not None:
+        return args.beta
+    table = args.beta_table
+    if table == "auto":
+        table = "xlmr" if "xlm-roberta" in args.model.lower() else "mbert"
+    return BETA_TABLE[table][args.lang]
+
+
+# =========================================================================================
+# Tags, spans and the span metric
+# =========================================================================================
+def tag_list(scheme: str) -> list[str]:
+    """O, then per polarity B, I, E, S (bieos: 13 tags) or B, I (bio: 7 tags)."""
+    prefixes = "BIES" if scheme == "bieos" else "BI"
+    return ["O"] + [f"{p}-{pol}" for pol in POLARITIES for p in prefixes]
+
+
+def spans_to_tags(spans: list[tuple[int, int, str]], n_words: int, scheme: str) -> list[str]:
+    """Word tags of a sentence from its aspect spans (start, end_inclusive, polarity)."""
+    tags = ["O"] * n_words
+    for b, e, pol in spans:
+        if scheme == "bieos" and b == e:
+            tags[b] = f"S-{pol}"
+            continue
+        tags[b] = f"B-{pol}"
+        for k in range(b + 1, e + 1):
+            tags[k] = f"I-{pol}"
+        if scheme == "bieos":
+            tags[e] = f"E-{pol}"
+    return tags
+
+
+def decode_bio(tags: list[str]) -> list[tuple[int, int, str]]:
+    """Spans from BIO tags: B-x starts an aspect, I-x continue it; it ends at O, B or the end. An I
+    without an open aspect is dropped; an aspect whose tokens disagree on polarity is dropped."""
+    spans, start, pols = [], -1, []
+    for i, tag in enumerate(list(tags) + ["O"]):
+        kind, _, pol = tag.partition("-")
+        if kind == "I" and start >= 0:
+            pols.append(pol)
+            continue
+        if start >= 0:
+            if len(set(pols)) == 1:
+                spans.append((start, i - 1, pols[0]))
+            start = -1
+        if kind == "B":
+            start, pols = i, [pol]
+    return spans
+
+
+def tags_to_spans(tags: list[str], scheme: str) -> list[tuple[int, int, str]]:
+    """Aspect spans from predicted word tags (strict: see decode_aspect_spans and decode_bio)."""
+    return decode_aspect_spans(tags) if scheme == "bieos" else decode_bio(tags)
+
+
+def span_f1(gold: list[list[tuple]], pred: list[list[tuple]]) -> dict[str, float]:
+    """Micro precision / recall / F1 (in %) over exact (begin, end, polarity) spans [xabsa]."""
+    if len(gold) != len(pred):
+        raise ValueError(f"{len(gold)} gold sentences but {len(pred)} predictions")
+    tp = n_gold = n_pred = 0
+    for g, p in zip(gold, pred):
+        g, p = set(g), set(p)
+        tp += len(g & p)
+        n_gold += len(g)
+        n_pred += len(p)
+    precision = tp / n_pred if n_pred else 0.0
+    recall = tp / n_gold if n_gold else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"precision": 100 * precision, "recall": 100 * recall, "f1": 100 * f1}
+
+
+# =========================================================================================
+# Data: XABSA files, sub-token encoding, aligned code-switched pairs
+# =========================================================================================
+@dataclass
+class Encoded:
+    """One sentence for the model: sub-token ids, the position of each word's first sub-token (-1
+    when --max-len cut it off), and tag ids at first sub-tokens (-100 elsewhere) [xabsa]."""
+
+    input_ids: list[int]
+    first: list[int]
+    labels: list[int]
+
+
+@dataclass
+class Pair:
+    """Two sentences whose aspects align one to one: per aspect, the token positions of its words on
+    side a and on side b."""
+
+    a: Encoded
+    b: Encoded
+    aspects: list[tuple[list[int], list[int]]]
+
+
+def encode_sentences(tokenizer: Any, sentences: list[AbsaSentence], scheme: str, max_len: int) -> list[Encoded]:
+    """Tokenize pre-split words (no prefix), label the first sub-token of each word."""
+    index = {t: i for i, t in enumerate(tag_list(scheme))}
+    out = []
+    for lo in range(0, len(sentences), 512):
+        chunk = sentences[lo:lo + 512]
+        enc = tokenizer([s.tokens for s in chunk], is_split_into_words=True, truncation=True, max_length=max_len)
+        for k, s in enumerate(chunk):
+            ids = list(enc["input_ids"][k])
+            first = [-1] * len(s.tokens)
+            for pos, w in enumerate(enc.word_ids(k)):
+                if w is not None and first[w] < 0:
+                    first[w] = pos
+            labels = [-100] * len(ids)
+            for w, tag in enumerate(spans_to_tags(s.spans, len(s.tokens), scheme)):
+                if first[w] >= 0:
+                    labels[first[w]] = index[tag]
+            out.append(Encoded(ids, first, labels))
+    return out
+
+
+def aspect_skeleton(s: AbsaSentence) -> tuple[str, ...]:
+    """The sentence with each aspect replaced by a marker carrying its polarity: equal for a
+    sentence and its code-switched version (only the aspect terms differ)."""
+    starts = {b: (e, pol) for b, e, pol in s.spans}
+    out, i = [], 0
+    while i < len(s.tokens):
+        if i in starts:
+            e, pol = starts[i]
+            out.append(f"\x00ASPECT-{pol}")
+            i = e + 1
+        else:
+            out.append(s.tokens[i])
+            i += 1
+    return tuple(out)
+
+
+def align_codeswitched(originals: list[AbsaSentence], switched: list[AbsaSentence]) -> tuple[list[tuple[int, int]], dict]:
+    """Match each code-switched sentence to the sentence it was made from, by content [ours].
+
+    The XABSA files are not parallel line by line, so sentence i of one file is not sentence i of
+    the other. A code-switched sentence equals its source outside the aspect terms; candidates are
+    the unused sources with the same aspect_skeleton. One candidate: a pair. Several whose aspect
+    texts agree: the first (pairing any of them gives the same aspects). Several that differ: left
+    out (ambiguous). Returns ([(original index, switched index)], counts).
+    """
+    by_key: dict[tuple, list[int]] = {}
+    for i, s in enumerate(originals):
+        by_key.setdefault(aspect_skeleton(s), []).append(i)
+    used: set[int] = set()
+    pairs, n_ambiguous, n_unmatched = [], 0, 0
+    for j, s in enumerate(switched):
+        cands = [i for i in by_key.get(aspect_skeleton(s), []) if i not in used]
+        if not cands:
+            n_unmatched += 1
+            continue
+        texts = {tuple(" ".join(originals[i].tokens[b:e + 1]) for b, e, _ in originals[i].spans) for i in cands}
+        if len(cands) > 1 and len(texts) > 1:
+            n_ambiguous += 1
+            continue
+        used.add(cands[0])
+        pairs.append((cands[0], j))
+    return pairs, {"pairs": len(pairs), "ambiguous": n_ambiguous, "unmatched": n_unmatched}
+
+
+def make_pairs(orig: list[AbsaSentence], orig_enc: list[Encoded], sw: list[AbsaSentence],
+               sw_enc: list[Encoded]) -> tuple[list[Pair], dict]:
+    """Aligned sentence pairs with at least one aspect, the k-th aspect of each side aligned; a pair
+    with an aspect cut off by --max-len on either side is skipped."""
+    matches, stats = align_codeswitched(orig, sw)
+    out, truncated = [], 0
+    for i, j in matches:
+        if not orig[i].spans:
+            continue
+        aspects = []
+        for (b1, e1, _), (b2, e2, _) in zip(orig[i].spans, sw[j].spans):
+            pa = [orig_enc[i].first[w] for w in range(b1, e1 + 1)]
+            pb = [sw_enc[j].first[w] for w in range(b2, e2 + 1)]
+            aspects.append((pa, pb))
+        if any(p < 0 for pa, pb in aspects for p in pa + pb):
+            truncated += 1
+            continue
+        out.append(Pair(orig_enc[i], sw_enc[j], aspects))
+    return out, {**stats, "with_aspects": len(out), "truncated": truncated}
+
+
+#: The XABSA files a method trains on: role -> file name pattern.
+ROLE_FILES = {"en": "gold-en-train", "smt": "smt-{lang}-train", "cs_tgt_ctx": "cs_en-{lang}-train",
+              "cs_en_ctx": "cs_{lang}-en-train", "gold_tgt": "gold-{lang}-train"}
+#: Critic side of each ACS file: 0 source (English context), 1 target (target-language context).
+ROLE_SIDE = {"en": 0, "cs_en_ctx": 0, "smt": 1, "cs_tgt_ctx": 1}
+
+
+def training_roles(args: Args) -> list[str]:
+    if args.method == "zero_shot":
+        roles = ["en"]
+    elif args.method in ("acs", "msmo"):
+        roles = ["en", "smt", "cs_tgt_ctx", "cs_en_ctx"]  # the "four mixed datasets" [summary, xabsa ACS]
+    elif args.method == "supervised":
+        roles = ["gold_tgt"]
+    else:
+        roles = []
+    if args.method == "distill" or args.distill:
+        roles.append("gold_tgt")  # unlabeled target-language text for the student
+    return list(dict.fromkeys(roles))
+
+
+def load_data(args: Args) -> dict:
+    """All sentences a run needs, as AbsaSentence lists (limits applied)."""
+    data_dir = args.data_dir or None
+    train = {}
+    for role in training_roles(args):
+        sents = load_xabsa(ROLE_FILES[role].format(lang=args.lang), data_dir, args.domain)
+        train[role] = sents[: args.limit_train] if args.limit_train else sents
+    dev_lang = "en" if select_dev_lang(args) == "en" else args.lang
+    dev = load_xabsa(f"gold-{dev_lang}-dev", data_dir, args.domain)
+    eval_langs = args.eval_langs or [args.lang]
+    tests = {lang: load_xabsa(f"gold-{lang}-test", data_dir, args.domain) for lang in eval_langs}
+    if args.limit_eval:
+        dev = dev[: args.limit_eval]
+        tests = {k: v[: args.limit_eval] for k, v in tests.items()}
+    return {"train": train, "dev": dev, "dev_lang": dev_lang, "tests": tests}
+
+
+def select_dev_lang(args: Args) -> str:
+    if args.select_dev == "auto":
+        return "target" if args.method == "supervised" else "en"
+    return args.select_dev
+
+
+def encode_data(args: Args, data: dict, tokenizer: Any) -> dict:
+    """Encode every set; build the CE pool (with critic sides), the critic pools and the pairs."""
+    enc = {role: encode_sentences(tokenizer, s, args.tagging, args.max_len) for role, s in data["train"].items()}
+    out: dict[str, Any] = {"enc": enc, "dev": encode_sentences(tokenizer, data["dev"], args.tagging, args.max_len),
+                           "tests": {k: encode_sentences(tokenizer, v, args.tagging, args.max_len)
+                                     for k, v in data["tests"].items()}}
+    ce_roles = [r for r in training_roles(args) if r != "gold_tgt" or args.method == "supervised"]
+    if args.method == "distill":
+        ce_roles = []
+    pool, sides = [], []
+    for role in ce_roles:
+        side = ROLE_SIDE.get(role, -1)
+        if role.startswith("cs_") and not args.critic_codeswitch:
+            side = -1  # the repository's critic sees only gold-en vs smt-XX
+        pool += enc[role]
+        sides += [side] * len(enc[role])
+    out["ce_pool"], out["ce_sides"] = pool, sides
+    out["critic_pools"] = ([e for e, s in zip(pool, sides) if s == 0], [e for e, s in zip(pool, sides) if s == 1])
+    pairs, stats = [], {}
+    if args.method == "msmo":
+        tr = data["train"]
+        if args.cons_pairs in ("both", "source"):
+            p, stats["source"] = make_pairs(tr["en"], enc["en"], tr["cs_en_ctx"], enc["cs_en_ctx"])
+            pairs += p
+        if args.cons_pairs in ("both", "target"):
+            p, stats["target"] = make_pairs(tr["smt"], enc["smt"], tr["cs_tgt_ctx"], enc["cs_tgt_ctx"])
+            pairs += p
+    out["pairs"], out["pair_stats"] = pairs, stats
+    return out
+
+
+def make_batch(items: list[Encoded], pad_id: int, device: torch.device, sides: list[int] | None = None,
+               pairs: list[Pair] = ()) -> dict:
+    """Pad the CE sentences, then both sides of each pair, into one batch (one encoder forward).
+
+    Returns input_ids, attention_mask, labels ([B, T]; pair rows carry no labels), side ([B]: 0
+    source, 1 target, -1 not for the critic), n_ce (the first n_ce rows are the CE sentences) and
+    aspects: [(row_a, positions_a, row_b, positions_b)] per aligned aspect.
+    """
+    rows = [it.input_ids for it in items]
+    labels = [it.labels for it in items]
+    side = list(sides) if sides is not None else [-1] * len(items)
+    aspects = []
+    for pair in pairs:
+        ra, rb = len(rows), len(rows) + 1
+        rows += [pair.a.input_ids, pair.b.input_ids]
+        labels += [[-100] * len(pair.a.input_ids), [-100] * len(pair.b.input_ids)]
+        side += [-1, -1]
+        aspects += [(ra, pa, rb, pb) for pa, pb in pair.aspects]
+    t = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), t), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), t), dtype=torch.long)
+    lab = torch.full((len(rows), t), -100, dtype=torch.long)
+    for k, (r, y) in enumerate(zip(rows, labels)):
+        input_ids[k, : len(r)] = torch.tensor(r)
+        mask[k, : len(r)] = 1
+        lab[k, : len(y)] = torch.tensor(y)
+    return {"input_ids": input_ids.to(device), "attention_mask": mask.to(device), "labels": lab.to(device),
+            "side": torch.tensor(side, device=device), "n_ce": len(items), "aspects": aspects}
+
+
+class Batches:
+    """Endless random batches of indices into a pool: a new permutation per pass, drawn from this
+    object's own generator (its state goes into checkpoints, so a resumed run sees the same data)."""
+
+    def __init__(self, n: int, batch_size: int, seed: int):
+        self.n, self.batch_size = n, batch_size
+        self.gen = torch.Generator().manual_seed(seed)
+        self.perm: list[int] = []
+        self.pos = 0
+
+    def next(self) -> list[int]:
+        out: list[int] = []
+        while len(out) < self.batch_size:
+            if self.pos >= len(self.perm):
+                self.perm, self.pos = torch.randperm(self.n, generator=self.gen).tolist(), 0
+            take = self.perm[self.pos: self.pos + self.batch_size - len(out)]
+            out += take
+            self.pos += len(take)
+        return out
+
+    def state_dict(self) -> dict:
+        return {"gen": self.gen.get_state(), "perm": self.perm, "pos": self.pos}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.gen.set_state(state["gen"])
+        self.perm, self.pos = state["perm"], state["pos"]
+
+
+# =========================================================================================
+# Model: encoder + linear tagger; the language critic
+# =========================================================================================
+class Tagger(nn.Module):
+    """Encoder -> dropout -> Linear(hidden, tags) on every token [repo: BertABSATagger]. Returns the
+    last hidden states (the critic's input) and the tag logits."""
+
+    def __init__(self, encoder: nn.Module, num_tags: int):
+        super().__init__()
+        self.encoder = encoder
+        self.dropout = nn.Dropout(encoder.config.hidden_dropout_prob)
+        self.classifier = nn.Linear(encoder.config.hidden_size, num_tags)
+        nn.init.normal_(self.classifier.weight, std=0.02)
+        nn.init.zeros_(self.classifier.bias)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return h, self.classifier(self.dropout(h))
+
+
+class Critic(nn.Module):
+    """Q: dropout then Linear(hidden, 1) on every token -> [B, T] scores [repo: mBERTABSALanguageDetector].
+    With --adversary grl the same head gives language logits."""
+
+    def __init__(self, hidden: int, dropout: float, clip: float | None):
+        super().__init__()
+        self.dropout = nn.Dropout(dropout)
+        self.linear = nn.Linear(hidden, 1)
+        nn.init.normal_(self.linear.weight, std=0.02)
+        nn.init.zeros_(self.linear.bias)
+        if clip is not None:
+            clip_weights_(self, clip)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.dropout(h)).squeeze(-1)
+
+
+def clip_weights_(module: nn.Module, c: float) -> None:
+    """WGAN weight clipping: every parameter into [-c, c] [repo]."""
+    with torch.no_grad():
+        for p in module.parameters():
+            p.clamp_(-c, c)
+
+
+TINY_CORPUS = ("gold-en-train", "gold-fr-train", "gold-es-train", "gold-nl-train", "gold-ru-train")
+
+
+def build_encoder(name: str, data_dir: str, domain: str):
+    """(encoder, tokenizer). `tiny`: a random 2-layer BERT whose WordPiece vocabulary is trained on
+    the English and four target gold train files (whole files: the same for every run, so a
+    teacher can be rebuilt)."""
+    if name == "tiny":
+        texts = [" ".join(s.tokens) for f in TINY_CORPUS for s in load_xabsa(f, data_dir or None, domain)]
+        return tiny_encoder(texts, hidden=64, layers=2, heads=2, vocab_size=3000, max_length=512, seed=0)
+    return load_encoder(name)
+
+
+def freeze_word_embeddings(model: Tagger) -> str:
+    """Fix the word-embedding matrix; returns its state-dict key."""
+    weight = model.encoder.get_input_embeddings().weight
+    weight.requires_grad_(False)
+    return next(n for n, p in model.named_parameters() if p is weight)
+
+
+def saved_state(model: nn.Module) -> dict:
+    """The state dict without frozen parameters (they equal the pretrained weights)."""
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    return {k: v for k, v in model.state_dict().items() if k not in frozen}
+
+
+def load_saved_state(model: nn.Module, state: dict, what: str) -> None:
+    """Load a saved_state; only the word-embedding matrix may be absent (it was frozen)."""
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    emb = model.encoder.get_input_embeddings().weight
+    allowed = {n for n, p in model.named_parameters() if p is emb}
+    if unexpected or set(missing) - allowed:
+        raise MissingError(f"{what}: the saved model does not fit (missing {sorted(set(missing) - allowed)[:3]}, "
+                           f"unexpected {sorted(unexpected)[:3]})")
+
+
+# =========================================================================================
+# The method's losses (plain functions: tensors in, tensor out)
+# =========================================================================================
+def tagging_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean token cross-entropy over the labelled positions (first sub-tokens) [xabsa/repo]."""
+    if not (labels != -100).any():
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+
+
+def masked_token_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of values [B, T] over the positions where mask is 1 (non-padding tokens)."""
+    m = mask.to(values.dtype)
+    return (values * m).sum() / m.sum().clamp(min=1)
+
+
+def wasserstein_gap(q_src: torch.Tensor, mask_src: torch.Tensor, q_tgt: torch.Tensor, mask_tgt: torch.Tensor) -> torch.Tensor:
+    """The critic's estimate W = mean Q(source tokens) - mean Q(target tokens), each mean over the
+    non-padding tokens of its batch [repo; the repository's mean also counts padding]. The critic
+    maximizes it; the encoder minimizes lambda * W."""
+    return masked_token_mean(q_src, mask_src) - masked_token_mean(q_tgt, mask_tgt)
+
+
+def language_bce(logit_src: torch.Tensor, mask_src: torch.Tensor, logit_tgt: torch.Tensor, mask_tgt: torch.Tensor) -> torch.Tensor:
+    """--adversary grl: per-token BCE of a language classifier (source 1, target 0), each side
+    averaged over its non-padding tokens, then the two averaged [ours]."""
+    l_src = F.binary_cross_entropy_with_logits(logit_src, torch.ones_like(logit_src), reduction="none")
+    l_tgt = F.binary_cross_entropy_with_logits(logit_tgt, torch.zeros_like(logit_tgt), reduction="none")
+    return 0.5 * (masked_token_mean(l_src, mask_src) + masked_token_mean(l_tgt, mask_tgt))
+
+
+class GradReverse(torch.autograd.Function):
+    """Identity forward; the gradient multiplied by -coeff backward (gradient reversal)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, coeff: float) -> torch.Tensor:
+        ctx.coeff = coeff
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return -ctx.coeff * grad, None
+
+
+def span_distribution(tok_probs: torch.Tensor, tag_index: dict[str, int], scheme: str,
+                      floor: float = 1e-20) -> torch.Tensor:
+    """5-way distribution [POS, NEG, NEU, O, rest] of one aspect from the tag softmax of its own L
+    words' tokens (tok_probs [L, C]) [repo: tok_score_2_span_prob, minus its indexing defect].
+
+    bieos: one word -> P(S-x); longer -> P(B-x at the first) * prod P(I-x in the middle) * P(E-x at
+    the last). bio: P(B-x at the first) * prod P(I-x after it). O: prod of P(O) over the words.
+    Each of the four floored at `floor`, rest = 1 - their sum, floored as well.
+    """
+    n = tok_probs.shape[0]
+    parts = []
+    for pol in POLARITIES:
+        if scheme == "bieos" and n == 1:
+            p = tok_probs[0, tag_index[f"S-{pol}"]]
+        elif scheme == "bieos":
+            p = (tok_probs[0, tag_index[f"B-{pol}"]] * tok_probs[1:-1, tag_index[f"I-{pol}"]].prod()
+                 * tok_probs[-1, tag_index[f"E-{pol}"]])
+        else:
+            p = tok_probs[0, tag_index[f"B-{pol}"]] * tok_probs[1:, tag_index[f"I-{pol}"]].prod()
+        parts.append(p)
+    parts.append(tok_probs[:, tag_index["O"]].prod())
+    four = torch.stack(parts).clamp_min(floor)
+    rest = (1.0 - four.sum()).clamp_min(floor)
+    return torch.cat([four, rest[None]])
+
+
+def symmetric_kl(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """(KL(p||q) + KL(q||p)) / 2 per row of p, q [N, K], mean over rows [repo]."""
+    kl_pq = (p * (p.log() - q.log())).sum(-1)
+    kl_qp = (q * (q.log() - p.log())).sum(-1)
+    return ((kl_pq + kl_qp) / 2).mean()
+
+
+def aspect_consistency(logits: torch.Tensor, aspects: list[tuple[int, list[int], int, list[int]]],
+                       tag_index: dict[str, int], scheme: str) -> torch.Tensor:
+    """Mean symmetric KL between the span distributions of the aligned aspects of a batch; each
+    aspect read at its own token positions."""
+    probs = logits.float().softmax(-1)
+    p = torch.stack([span_distribution(probs[ra, pa], tag_index, scheme) for ra, pa, _, _ in aspects])
+    q = torch.stack([span_distribution(probs[rb, pb], tag_index, scheme) for _, _, rb, pb in aspects])
+    return symmetric_kl(p, q)
+
+
+def average_teacher_probs(per_teacher: list[list[torch.Tensor]]) -> list[torch.Tensor]:
+    """Distillation targets: per sentence, the equal-weight mean of the teachers' softmax
+    (per_teacher[t][i]: teacher t's [T_i, C] probabilities of sentence i) [repo, any number]."""
+    return [torch.stack(ps).mean(0) for ps in zip(*per_teacher)]
+
+
+def distill_mse(student_logits: torch.Tensor, teacher_probs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """MSE between the student's softmax and the teachers' averaged softmax, mean over the
+    non-padding tokens and the tags [xabsa/repo: MSELoss on the active tokens]."""
+    diff = (student_logits.float().softmax(-1) - teacher_probs) ** 2
+    return diff[mask.bool()].mean()
+
+
+# =========================================================================================
+# Per-step computations (the speed benchmark times these on the same batch)
+# =========================================================================================
+def ce_step(model: Tagger, batch: dict, args: Args, amp_dtype: torch.dtype | None = None):
+    """Baselines (zero-shot, ACS, supervised): one encoder forward, tagging CE. Returns (loss, terms);
+    the caller backpropagates and steps the optimizer."""
+    with utils.autocast(batch["input_ids"].device, amp_dtype):
+        _, logits = model(batch["input_ids"], batch["attention_mask"])
+    loss = tagging_ce(logits[: batch["n_ce"]], batch["labels"][: batch["n_ce"]])
+    return loss, {"l_ce": loss.detach()}
+
+
+def msmo_step(model: Tagger, critic: Critic, critic_opt: torch.optim.Optimizer, batch: dict, args: Args,
+              phase: str, n_critic: int, amp_dtype: torch.dtype | None = None,
+              fresh: list[tuple[dict, dict]] | None = None):
+    """One MSMO encoder step. phase: "adv" (CE + sentence level), "cons" (CE + aspect level), "joint".
+
+    1. ONE encoder forward over the batch (CE rows, then the pair rows).
+    2. wgan: n_critic critic updates on the DETACHED features of that forward (--critic-data
+       batch), or on fresh source/target batches encoded without gradient (`fresh`, one pair of
+       batches per update); weights clipped after each update.
+    3. The encoder's loss: CE + lambda * W (critic frozen) + beta * aspect consistency.
+    Returns (loss, terms); the caller backpropagates, clips and steps the optimizer, and with
+    --adversary grl also steps critic_opt (the classifier learns from the same backward).
+    """
+    device = batch["input_ids"].device
+    with utils.autocast(device, amp_dtype):
+        feats, logits = model(batch["input_ids"], batch["attention_mask"])
+    n_ce, mask = batch["n_ce"], batch["attention_mask"]
+    loss = tagging_ce(logits[:n_ce], batch["labels"][:n_ce])
+    terms = {"l_ce": loss.detach()}
+    src, tgt = batch["side"] == 0, batch["side"] == 1
+    if args.adv and phase in ("adv", "joint") and src.any() and tgt.any():
+        h_s, m_s, h_t, m_t = feats[src], mask[src], feats[tgt], mask[tgt]
+        if args.adversary == "wgan":
+            critic.requires_grad_(True)
+            for k in range(n_critic):
+                if fresh:  # the repository's way: new batches, the encoder run again (no gradient)
+                    with torch.no_grad(), utils.autocast(device, amp_dtype):
+                        cs, ct = fresh[k]
+                        hs, ms = model(cs["input_ids"], cs["attention_mask"])[0], cs["attention_mask"]
+                        ht, mt = model(ct["input_ids"], ct["attention_mask"])[0], ct["attention_mask"]
+                else:
+                    hs, ms, ht, mt = h_s.detach(), m_s, h_t.detach(), m_t
+                with utils.autocast(device, amp_dtype):
+                    q_s, q_t = critic(hs), critic(ht)
+                critic_loss = -wasserstein_gap(q_s.float(), ms, q_t.float(), mt)  # the critic maximizes W
+                critic_opt.zero_grad(set_to_none=True)
+                critic_loss.backward()
+                critic_opt.step()
+                clip_weights_(critic, args.critic_clip)
+            critic.requires_grad_(False)  # the encoder's term must not move the critic
+            with utils.autocast(device, amp_dtype):
+                q_s, q_t = critic(h_s), critic(h_t)
+            gap = wasserstein_gap(q_s.float(), m_s, q_t.float(), m_t)
+            loss = loss + args.lambda_adv * gap
+            terms["w_gap"] = gap.detach()
+            terms["critic_w"] = -critic_loss.detach()
+        else:
+            with utils.autocast(device, amp_dtype):
+                l_s = critic(GradReverse.apply(h_s, args.lambda_adv))
+                l_t = critic(GradReverse.apply(h_t, args.lambda_adv))
+            l_lang = language_bce(l_s.float(), m_s, l_t.float(), m_t)
+            loss = loss + l_lang  # classifier: minimizes it; encoder (reversed): maximizes lambda * it
+            terms["l_lang"] = l_lang.detach()
+    if args.cons and phase in ("cons", "joint") and batch["aspects"]:
+        index = {t: i for i, t in enumerate(tag_list(args.tagging))}
+        l_cons = aspect_consistency(logits, batch["aspects"], index, args.tagging)
+        loss = loss + resolve_beta(args) * l_cons
+        terms["l_cons"] = l_cons.detach()
+    return loss, terms
+
+
+def distill_step(model: Tagger, batch: dict, teacher_probs: torch.Tensor, args: Args,
+                 amp_dtype: torch.dtype | None = None):
+    """MSMO-Distill: one student forward on unlabeled target text, MSE to the teachers' average."""
+    with utils.autocast(batch["input_ids"].device, amp_dtype):
+        _, logits = model(batch["input_ids"], batch["attention_mask"])
+    loss = distill_mse(logits, teacher_probs, batch["attention_mask"])
+    return loss, {"l_kd": loss.detach()}
+
+
+def phase_at(step: int, args: Args) -> str:
+    """ce for the baselines; msmo: adv then cons (two-step) or joint."""
+    if args.method != "msmo":
+        return "ce"
+    if args.schedule == "joint":
+        return "joint"
+    return "adv" if step < round(args.two_step_split * args.steps) else "cons"
+
+
+def critic_steps_at(step: int, args: Args) -> int:
+    """5 critic updates per encoder step; 10 in the first 25 steps and every 500th [repo]."""
+    warm = step < args.critic_warm_steps or step % args.critic_warm_every == 0
+    return args.critic_steps_warm if warm else args.critic_steps
+
+
+# =========================================================================================
+# Evaluation
+# =========================================================================================
+@torch.no_grad()
+def predict_spans(model: Tagger, encoded: list[Encoded], scheme: str, pad_id: int, device: torch.device,
+                  amp_dtype: torch.dtype | None, batch_size: int = 64) -> list[list[tuple[int, int, str]]]:
+    """Predicted aspect spans per sentence: argmax tag at each word's first sub-token (O for words cut
+    off by --max-len), decoded strictly. Sentences are batched by length (less padding)."""
+    was_training = model.training
+    model.eval()
+    tags = tag_list(scheme)
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].input_ids))
+    out: list[list] = [[] for _ in encoded]
+    for lo in range(0, len(order), batch_size):
+        idx = order[lo:lo + batch_size]
+        b = make_batch([encoded[i] for i in idx], pad_id, device)
+        with utils.autocast(device, amp_dtype):
+            _, logits = model(b["input_ids"], b["attention_mask"])
+        pred = logits.argmax(-1).cpu()
+        for k, i in enumerate(idx):
+            word_tags = [tags[int(pred[k, p])] if p >= 0 else "O" for p in encoded[i].first]
+            out[i] = tags_to_spans(word_tags, scheme)
+    model.train(was_training)
+    return out
+
+
+def evaluate_f1(model: Tagger, encoded: list[Encoded], gold: list[AbsaSentence], ctx: dict) -> float:
+    pred = predict_spans(model, encoded, ctx["args"].tagging, ctx["pad_id"], ctx["device"], ctx["amp_dtype"])
+    return span_f1([s.spans for s in gold], pred)["f1"]
+
+
+# =========================================================================================
+# Stages: teacher training, distillation
+# =========================================================================================
+def test_scores(model: Tagger, ctx: dict) -> dict:
+    """f1_<lang> per test set, and f1_avg when there are several."""
+    res = {f"f1_{lang}": evaluate_f1(model, enc, ctx["data"]["tests"][lang], ctx)
+           for lang, enc in ctx["enc"]["tests"].items()}
+    if len(res) > 1:
+        res["f1_avg"] = float(np.mean(list(res.values())))
+    return res
+
+
+def linear_decay(opt: torch.optim.Optimizer, total: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear decay from the initial learning rate to 0 over `total` steps, no warm-up [repo]."""
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1.0 - s / total))
+
+
+def run_stage(ctx: dict, stage: str, model: Tagger, total: int, state: dict | None, step_offset: int,
+              teacher_targets: list[torch.Tensor] | None = None) -> dict:
+    """The training loop of one stage ("train": teacher training / baselines; "distill": the
+    student). Evaluates every --eval-every steps and at the end, keeps the selected model in
+    model_best.pt, checkpoints at each evaluation. Returns the stage's result."""
+    args, device, amp = ctx["args"], ctx["device"], ctx["amp_dtype"]
+    run_dir, enc, pad_id = ctx["run_dir"], ctx["enc"], ctx["pad_id"]
+    lr = args.distill_lr or args.lr if stage == "distill" else args.lr
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=lr, eps=1e-8)  # Adam, no weight decay [repo]
+    sched = linear_decay(opt, total)
+    scaler = torch.amp.GradScaler(device.type, enabled=ctx["use_scaler"])
+    critic = critic_opt = None
+    if stage == "train" and args.method == "msmo" and args.adv:
+        critic = Critic(model.encoder.config.hidden_size, model.encoder.config.hidden_dropout_prob,
+                        args.critic_clip if args.adversary == "wgan" else None).to(device)
+        critic_opt = torch.optim.Adam(critic.parameters(), lr=args.critic_lr or args.lr)
+        critic.requires_grad_(args.adversary == "grl")
+    seed = args.seed * 1000 + (0 if stage == "train" else 500)
+    if stage == "train":
+        pool, sides = enc["ce_pool"], enc["ce_sides"]
+    else:
+        pool, sides = enc["enc"]["gold_tgt"], [-1] * len(enc["enc"]["gold_tgt"])
+    samplers = {"ce": Batches(len(pool), args.batch_size, seed + 1)}
+    if stage == "train" and enc["pairs"]:
+        samplers["pairs"] = Batches(len(enc["pairs"]), args.cons_batch, seed + 2)
+    src_pool, tgt_pool = enc["critic_pools"]
+    if critic is not None and args.critic_data == "fresh" and src_pool and tgt_pool:
+        samplers["critic_src"] = Batches(len(src_pool), args.batch_size, seed + 3)
+        samplers["critic_tgt"] = Batches(len(tgt_pool), args.batch_size, seed + 4)
+
+    step, history, best, train_time, sentences, wall_before = 0, [], None, 0.0, 0, 0.0
+    if state is not None:
+        load_saved_state(model, state["model"], f"--resume {run_dir}")
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        if critic is not None:
+            critic.load_state_dict(state["critic"])
+            critic_opt.load_state_dict(state["critic_opt"])
+        for k, s in samplers.items():
+            s.load_state_dict(state["samplers"][k])
+        utils.set_rng_state(state["rng"])
+        step, history, best = state["step"], state["history"], state["best"]
+        train_time, sentences, wall_before = state["train_time"], state["sentences"], state["wall_s"]
+    end = min(total, args.max_steps) if args.max_steps else total
+    window = min(args.select_from, end) if stage == "train" else 0
+    model.train()
+    sums: dict[str, float] = {}
+    t_stage = time.time()
+    bar = tqdm(total=end, initial=step, desc=stage, leave=False, dynamic_ncols=True, disable=None)
+    stop = ctx["stop"]
+    while step < end:
+        if stop:
+            print(f"\ninterrupted at {stage} step {step}; the last checkpoint is kept. "
+                  f"Resume with: python msmo.py --resume {run_dir}")
+            sys.exit(130)
+        t0 = time.time()
+        idx = samplers["ce"].next()
+        phase = phase_at(step, args) if stage == "train" else "distill"
+        pairs = ([enc["pairs"][i] for i in samplers["pairs"].next()]
+                 if "pairs" in samplers and args.cons and phase in ("cons", "joint") else [])
+        batch = make_batch([pool[i] for i in idx], pad_id, device, [sides[i] for i in idx], pairs)
+        if stage == "distill":
+            teacher = torch.zeros(*batch["input_ids"].shape, len(ctx["tags"]), device=device)
+            for k, i in enumerate(idx):
+                teacher[k, : teacher_targets[i].shape[0]] = teacher_targets[i].to(device)
+            loss, terms = distill_step(model, batch, teacher, args, amp)
+        elif phase == "ce":
+            loss, terms = ce_step(model, batch, args, amp)
+        else:
+            n_critic = critic_steps_at(step, args)
+            fresh = None
+            if "critic_src" in samplers and phase in ("adv", "joint"):
+                fresh = [(make_batch([src_pool[i] for i in samplers["critic_src"].next()], pad_id, device),
+                          make_batch([tgt_pool[i] for i in samplers["critic_tgt"].next()], pad_id, device))
+                         for _ in range(n_critic)]
+            loss, terms = msmo_step(model, critic, critic_opt, batch, args, phase, n_critic, amp, fresh)
+        utils.check_finite(loss, step, terms)
+        opt.zero_grad(set_to_none=True)
+        if critic_opt is not None and args.adversary == "grl":
+            critic_opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+        scaler.step(opt)
+        if critic_opt is not None and args.adversary == "grl":
+            scaler.step(critic_opt)
+        scaler.update()
+        sched.step()
+        step += 1
+        sentences += batch["input_ids"].shape[0]
+        train_time += time.time() - t0
+        for k, v in terms.items():
+            sums[k] = sums.get(k, 0.0) + float(v)
+        sums["n"] = sums.get("n", 0) + 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.4f}", phase=phase)
+        if step % args.eval_every and step != end:
+            continue
+        # ---- evaluation: dev always; test where a result needs it
+        candidate = step >= window
+        dev = evaluate_f1(model, enc["dev"], ctx["data"]["dev"], ctx)
+        new_best = candidate and (best is None or dev > best["dev_f1"])
+        res = {"dev_f1": dev}
+        if new_best or step == end or args.test_every_eval:
+            res.update(test_scores(model, ctx))
+        rec = {**res, "step": step, "stage": stage, "phase": phase}
+        history.append(rec)
+        if new_best:
+            best = rec
+            utils.atomic_torch_save({"model": saved_state(model), "step": step, "stage": stage,
+                                     "dev_f1": dev}, run_dir / ctx["best_files"][stage])
+        train_log = {k: v / sums["n"] for k, v in sums.items() if k != "n"}
+        sums = {}
+        ctx["metrics"].write(step_offset + step, "eval", stage=stage, stage_step=step, phase=phase,
+                             lr=opt.param_groups[0]["lr"], **res, **train_log)
+        tqdm.write(f"{stage} step {step:5d}  " + "  ".join(f"{k} {v:.2f}" for k, v in res.items())
+                   + "  " + "  ".join(f"{k} {v:.4f}" for k, v in train_log.items()))
+        utils.save_checkpoint(run_dir, {
+            "stage": stage, "step": step, "model": saved_state(model), "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(), "scaler": scaler.state_dict(),
+            "critic": critic.state_dict() if critic is not None else None,
+            "critic_opt": critic_opt.state_dict() if critic_opt is not None else None,
+            "samplers": {k: s.state_dict() for k, s in samplers.items()}, "rng": utils.rng_state(),
+            "history": history, "best": best, "train_time": train_time, "sentences": sentences,
+            "wall_s": wall_before + time.time() - t_stage, "completed": ctx["completed"]})
+    bar.close()
+    final = history[-1] if history else {}
+    return {"final": final, "best": best or final, "steps": step, "history": history,
+            "wall_s": round(wall_before + time.time() - t_stage, 2), "train_time_s": round(train_time, 2),
+            "sentences": sentences}
+
+
+def best_files(args: Args) -> dict[str, str]:
+    """Where each stage keeps its selected model: the run's final product is model_best.pt; with
+    --distill, the teacher trained first is teacher_best.pt."""
+    if args.method == "distill":
+        return {"distill": "model_best.pt"}
+    return {"train": "teacher_best.pt", "distill": "model_best.pt"} if args.distill else {"train": "model_best.pt"}
+
+
+def check_trained_run(run_dir: str, flag: str, args: Args) -> dict:
+    """A run directory holding a selected model (model_best.pt) that fits this run: its args.json."""
+    p = Path(run_dir)
+    if not (p / "args.json").is_file():
+        raise MissingError(f"{flag} {run_dir}: not a run directory (no args.json)")
+    if not (p / "model_best.pt").is_file():
+        raise MissingError(f"{flag} {run_dir}: no model_best.pt (the run stopped before its first evaluation)")
+    saved = json.loads((p / "args.json").read_text())
+    if saved.get("model") != args.model or saved.get("tagging") != args.tagging:
+        raise UsageError(f"{flag} {run_dir}: trained with --model {saved.get('model')} --tagging "
+                         f"{saved.get('tagging')}, this run uses --model {args.model} --tagging {args.tagging} "
+                         "(teachers and student must share tokenizer and tags)")
+    return saved
+
+
+def load_trained(path: Path, ctx: dict, what: str) -> Tagger:
+    """A selected model (its encoder rebuilt, then the saved weights loaded)."""
+    args = ctx["args"]
+    encoder, _ = build_encoder(args.model, args.data_dir, args.domain)
+    model = Tagger(encoder, len(ctx["tags"]))
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    load_saved_state(model, state["model"], what)
+    return model.to(ctx["device"])
+
+
+@torch.no_grad()
+def teacher_probs(model: Tagger, encoded: list[Encoded], ctx: dict) -> list[torch.Tensor]:
+    """Softmax of a teacher (eval mode, no temperature) per sentence: [T_i, C] on the CPU."""
+    model.eval()
+    out: list[torch.Tensor] = [torch.empty(0)] * len(encoded)
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].input_ids))
+    for lo in range(0, len(order), 64):
+        idx = order[lo:lo + 64]
+        b = make_batch([encoded[i] for i in idx], ctx["pad_id"], ctx["device"])
+        with utils.autocast(ctx["device"], ctx["amp_dtype"]):
+            _, logits = model(b["input_ids"], b["attention_mask"])
+        probs = logits.float().softmax(-1).cpu()
+        for k, i in enumerate(idx):
+            out[i] = probs[k, : len(encoded[i].input_ids)]
+    return out
+
+
+# =========================================================================================
+# main
+# =========================================================================================
+def method_label(args: Args) -> str:
+    if args.method != "msmo":
+        return args.method
+    label = "msmo"
+    if not args.adv:
+        label += "_wo_adv"
+    elif args.adversary == "grl":
+        label += "_grl"
+    if not args.cons:
+        label += "_wo_cons"
+    if args.adv and not args.critic_codeswitch:
+        label += "_wo_cs_critic"
+    if args.schedule == "joint":
+        label += "_joint"
+    return label + ("_distill" if args.distill else "")
+
+
+def main(args: Args) -> dict:
+    validate(args)
+    resume = None
+    if args.resume:  # continue a run: its own arguments, its directory, its last checkpoint
+        saved = utils.load_resume_args(args.resume)
+        resume = utils.load_checkpoint(args.resume)
+        args = Args(**{**saved, "resume": args.resume})
+    device = utils.resolve_device(args.device)
+    amp_dtype, use_scaler = utils.resolve_precision(args.precision, device)
+    utils.seed_everything(args.seed, args.deterministic)
+    torch.set_float32_matmul_precision("high")
+
+    # ---- data, model and teachers (before the run directory exists: a failure writes nothing)
+    data = load_data(args)
+    for d in args.teachers:
+        check_trained_run(d, "--teachers", args)
+    if args.student_init:
+        check_trained_run(args.student_init, "--student-init", args)
+    encoder, tokenizer = build_encoder(args.model, args.data_dir, args.domain)
+    tags = tag_list(args.tagging)
+    model = Tagger(encoder, len(tags))
+    if args.freeze_embeddings:
+        freeze_word_embeddings(model)
+    model.to(device)
+    enc = encode_data(args, data, tokenizer)
+    if args.method != "distill" and not enc["ce_pool"]:
+        raise UsageError(f"--method {args.method}: no training sentences")
+    if resume is not None:
+        run_dir = Path(args.resume)
+    else:
+        name = utils.run_name(method_label(args), f"xabsa_{args.domain}", f"en-{args.lang}", args.seed,
+                              args.exp_name)
+        run_dir = utils.make_run_dir(args.out_dir, name)
+        utils.atomic_write_json(run_dir / "args.json", dataclasses.asdict(args))
+    metrics = utils.MetricsWriter(run_dir, args.track)
+    ctx = {"args": args, "device": device, "amp_dtype": amp_dtype, "use_scaler": use_scaler, "run_dir": run_dir,
+           "data": data, "enc": enc, "pad_id": tokenizer.pad_token_id, "tags": tags, "metrics": metrics,
+           "completed": {}, "stop": utils.StopFlag(), "best_files": best_files(args)}
+    stages = (["train"] if args.method != "distill" else []) + (["distill"] if args.method == "distill" or args.distill else [])
+    start = 0
+    if resume is not None:
+        ctx["completed"] = resume.get("completed", {})
+        start = stages.index(resume["stage"])
+        offset = sum(r["steps"] for r in ctx["completed"].values())
+        metrics.truncate_after(offset + resume["step"])
+        print(f"resuming {run_dir}: stage {resume['stage']} at step {resume['step']}")
+    beta = resolve_beta(args) if args.method == "msmo" and args.cons else None
+    print(f"run: {run_dir}  |  {method_label(args)} en->{args.lang}  |  {args.model} ({args.tagging})  |  "
+          f"train {len(enc['ce_pool'])} sentences" + (f", {len(enc['pairs'])} aligned pairs {enc['pair_stats']}"
+                                                      if enc["pairs"] else "")
+          + (f", beta {beta:g}" if beta is not None else "") + f"  |  device {device}, precision {amp_dtype or 'fp32'}")
+
+    t_start = time.time()
+    with ctx["stop"]:
+        for stage in stages[start:]:
+            state = resume if resume is not None and resume["stage"] == stage else None
+            offset = sum(r["steps"] for r in ctx["completed"].values())
+            if stage == "train":
+                result = run_stage(ctx, "train", model, args.steps, state, offset)
+            else:
+                # teachers: this run's selected model (--distill) and --teachers; softmax averaged
+                teacher_files = ([run_dir / "teacher_best.pt"] if args.method != "distill" else []) + [
+                    Path(d) / "model_best.pt" for d in args.teachers]
+                student_file = Path(args.student_init) / "model_best.pt" if args.student_init else teacher_files[0]
+                texts = enc["enc"]["gold_tgt"]
+                per_teacher = []
+                for f in teacher_files:
+                    teacher = load_trained(f, ctx, f"teacher {f}")
+                    per_teacher.append(teacher_probs(teacher, texts, ctx))
+                    del teacher
+                targets = average_teacher_probs(per_teacher)
+                if state is None:  # the student starts from a trained model
+                    saved = torch.load(student_file, map_location="cpu", weights_only=False)
+                    load_saved_state(model, saved["model"], f"student start {student_file}")
+                result = run_stage(ctx, "distill", model, args.distill_steps, state, offset, targets)
+                result["teachers"] = [str(f) for f in teacher_files]
+                result["student_init"] = str(student_file)
+            result.pop("history")
+            ctx["completed"][stage] = result
+            resume = None
+    metrics.close()
+
+    last = ctx["completed"][stages[-1]]
+    eval_langs = args.eval_langs or [args.lang]
+    keys = ["dev_f1"] + [f"f1_{lang}" for lang in eval_langs] + (["f1_avg"] if len(eval_langs) > 1 else [])
+    pick = lambda rec: {**{k: rec.get(k) for k in keys}, "step": rec.get("step")}  # noqa: E731
+    train_time = sum(r["train_time_s"] for r in ctx["completed"].values())
+    summary = {
+        "script": "msmo.py", "method": method_label(args), "dataset": f"xabsa_{args.domain}",
+        "setting": f"en-{args.lang}", "seed": args.seed, "model": args.model, "tagging": args.tagging,
+        "primary_metric": "f1_avg" if len(eval_langs) > 1 else f"f1_{eval_langs[0]}",
+        "final": pick(last["final"]), "best": pick(last["best"]),
+        "selection": {"dev": data["dev_lang"], "from_step": args.select_from if stages[-1] == "train" else 0},
+        "stages": {k: {kk: vv for kk, vv in v.items() if kk not in ("final", "best")} | {
+            "final": pick(v["final"]), "best": pick(v["best"])} for k, v in ctx["completed"].items()},
+        "steps": last["steps"], "pairs": enc["pair_stats"], "beta": beta,
+        "wall_s": round(sum(r["wall_s"] for r in ctx["completed"].values()), 2),
+        "samples_per_s": round(sum(r["sentences"] for r in ctx["completed"].values()) / max(train_time, 1e-9), 2),
+        "step_s": round(train_time / max(sum(r["steps"] for r in ctx["completed"].values()), 1), 4),
+        "process_wall_s": round(time.time() - t_start, 2),
+    }
+    utils.write_summary(run_dir, summary)
+    print(f"done: final {summary['final']}  best {summary['best']}  ->  {run_dir}/summary.json")
+    return summary
+
+
+if __name__ == "__main__":
+    with utils.cli_errors():
+        main(utils.parse_args(Args, presets=PRESETS))
