@@ -28,6 +28,7 @@ from benchmarks.suites import SINGLE_SEED, SUITES, Run
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL_FILES = ("args.json", "metrics.jsonl", "summary.json")
+THREADS: int | None = None  # --threads
 
 
 def run_dir(out: Path, run: Run, seed: int) -> Path:
@@ -35,13 +36,13 @@ def run_dir(out: Path, run: Run, seed: int) -> Path:
 
 
 def expand(suite: str, seeds: list[int] | None, only: list[str] | None) -> list[tuple[Run, int]]:
-    """suite x seeds, filtered by --only (substrings of the run id)."""
+    """seeds x suite, filtered by --only (substrings of the run id)."""
     s = SUITES[suite]
     out = []
-    for run in s.runs:
-        if only and not any(o in run.id for o in only):
-            continue
-        for seed in (seeds or s.default_seeds):
+    for seed in (seeds or s.default_seeds):  # seed-major: every row has a first seed early on
+        for run in s.runs:
+            if only and not any(o in run.id for o in only):
+                continue
             if run.id in SINGLE_SEED and seed != 0:
                 continue
             out.append((run, seed))
@@ -79,6 +80,8 @@ def execute(run: Run, seed: int, out: Path, results_dir: Path | None, log=print)
     log(("resume " if st == "resume" else "run    ") + " ".join(cmd))
     t = time.time()
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1"}
+    if THREADS:  # one intra-op thread per run is far less sensitive to a busy shared machine
+        env.update(OMP_NUM_THREADS=str(THREADS), MKL_NUM_THREADS=str(THREADS))
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
     rec = {"id": run.id, "seed": seed, "cmd": cmd, "returncode": p.returncode, "wall_s": round(time.time() - t, 1)}
     if p.returncode != 0:
@@ -127,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out-dir", default="runs/bench", help="parent of <suite>/<run>__seed<S>/")
     ap.add_argument("--results-dir", default=None, help="copy finished runs' small files here (to commit them)")
     ap.add_argument("--workers", type=int, default=1, help="runs in parallel (local launcher)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="OMP/MKL threads per run (default: PyTorch's choice; 1 is robust on a shared machine)")
     ap.add_argument("--dry-run", action="store_true", help="print the commands and their status, run nothing")
     ap.add_argument("--launcher", choices=["local", "slurm"], default="local")
     ap.add_argument("--slurm-partition", default=None)
@@ -135,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--slurm-time-min", type=int, default=24 * 60)
     args = ap.parse_args(argv)
 
+    global THREADS
+    THREADS = args.threads
     out = Path(args.out_dir) / args.suite
     jobs = expand(args.suite, args.seeds, args.only)
     if not jobs:

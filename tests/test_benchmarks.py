@@ -41,7 +41,7 @@ def toy_suite(monkeypatch):
 
 def test_expansion_suite_times_seeds_and_only(toy_suite):
     jobs = run.expand("toy", None, None)
-    assert [(r.id, s) for r, s in jobs] == [("a", 0), ("a", 1), ("a", 2), ("b", 0), ("b", 1), ("b", 2)]
+    assert [(r.id, s) for r, s in jobs] == [("a", 0), ("b", 0), ("a", 1), ("b", 1), ("a", 2), ("b", 2)]
     assert [(r.id, s) for r, s in run.expand("toy", [5], ["b"])] == [("b", 5)]
     cmd = run.command(toy_suite.runs[0], 1, Path("out"), "python")
     assert cmd == ["python", "lacol.py", "--x", "1", "--seed", "1", "--out-dir", "out", "--exp-name", "a__seed1"]

@@ -220,3 +220,30 @@ def test_help_lists_every_flag():
     assert r.returncode == 0
     for flag in ("--noise", "--wo-ms", "--wo-sc", "--wo-diversity", "--preset", "--resume", "--k-neg", "--class-weight"):
         assert flag in r.stdout
+
+
+def test_resume_gives_the_same_result_as_an_uninterrupted_run(tmp_path, fmnist):
+    common = ["--limit-train", "512", "--limit-eval", "300", "--epochs", "3", "--warmup-epochs", "1",
+              "--batch-size", "64", "--milestones", "2", "--deterministic"]
+    full = lacol.main(_args(tmp_path, *common, "--exp-name", "full"))
+    # the same run stopped after two epochs (as if killed there), then resumed
+    lacol.main(_args(tmp_path, *common, "--exp-name", "cut", "--max-steps", str(2 * (512 // 64))))
+    resumed = lacol.main(parse_args(lacol.Args, ["--resume", str(tmp_path / "cut"), "--num-workers", "0"]))
+    assert resumed["final"] == full["final"] and resumed["best"] == full["best"]
+    recs = lambda name: [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    assert [r["acc"] for r in recs("cut")] == [r["acc"] for r in recs("full")]
+
+
+def test_same_seed_same_metrics(tmp_path, fmnist):
+    common = ["--limit-train", "256", "--limit-eval", "200", "--epochs", "2", "--warmup-epochs", "1", "--batch-size", "64",
+              "--deterministic"]
+    a = lacol.main(_args(tmp_path, *common, "--exp-name", "a"))
+    b = lacol.main(_args(tmp_path, *common, "--exp-name", "b"))
+    recs = lambda name: [{k: v for k, v in json.loads(x).items() if k != "elapsed_s"}  # noqa: E731
+                         for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+    assert recs("a") == recs("b") and a["final"] == b["final"]
+
+
+def test_resume_errors(tmp_path):
+    r = _run("--resume", str(tmp_path / "nope"))
+    assert r.returncode == 3 and "--resume" in r.stderr and "Traceback" not in r.stderr
