@@ -144,7 +144,7 @@ def build_report(suite_name: str, runs_dir: Path, out: Path, plots: bool = True)
         for run in runs:
             st = row_stats(run, data.get(run.id, []))
             paper = reported.get(run.row) if run.row else None
-            expected = 1 if run.id.endswith(tuple(("wo_ms", "wo_sc", "wo_diversity"))) and suite_name == "cpu" else len(suite.default_seeds)
+            expected = len(run.only_seeds) if run.only_seeds is not None else len(suite.default_seeds)
             pv = f"{float(paper['value']):.2f}" if paper else "-"
             diff = f"{st['best'][0] - float(paper['value']):+.2f}" if paper and st["n"] else "-"
             src = f"{paper['source']} ({paper['dataset']}, {paper['backbone']})" if paper else "-"

@@ -24,7 +24,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from benchmarks.suites import SINGLE_SEED, SUITES, Run
+from benchmarks.suites import SUITES, Run
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL_FILES = ("args.json", "metrics.jsonl", "summary.json")
@@ -43,7 +43,7 @@ def expand(suite: str, seeds: list[int] | None, only: list[str] | None) -> list[
         for run in s.runs:
             if only and not any(o in run.id for o in only):
                 continue
-            if run.id in SINGLE_SEED and seed != 0:
+            if run.only_seeds is not None and seed not in run.only_seeds:
                 continue
             out.append((run, seed))
     return out
