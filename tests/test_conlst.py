@@ -1,0 +1,532 @@
+"""CoNLST: the losses, samplers and thresholds on hand-made tensors; the loaders on the shared
+XNLI/SNLI files; back-translation through a precomputed file; end-to-end runs of every stage
+(tiny random model, real XNLI/SNLI text), resume across stages, bad arguments."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import conlst
+from common.text_data import Example
+from common.text_models import tiny_encoder
+from common.utils import MissingError, UsageError, parse_args
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run several times faster with one thread on a shared 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# -------------------------------------------------------------------------------------------
+# Eq. 4: complementary labels
+# -------------------------------------------------------------------------------------------
+def test_complementary_label_low_confidence_is_argmin():
+    probs = torch.tensor([[0.5, 0.2, 0.3], [0.1, 0.45, 0.45], [0.34, 0.33, 0.33]])
+    for mode in ("sample", "all"):
+        comp = conlst.complementary_labels_eq4(probs, gamma=0.9, mode=mode)
+        assert comp.tolist() == [[False, True, False], [True, False, False], [False, True, False]]
+
+
+def test_complementary_label_high_confidence_is_another_class():
+    probs = torch.tensor([[0.95, 0.03, 0.02], [0.01, 0.04, 0.95], [0.05, 0.9, 0.05]])
+    comp = conlst.complementary_labels_eq4(probs, gamma=0.9, mode="all")
+    assert comp.tolist() == [[False, True, True], [True, True, False], [True, False, True]]
+    torch.manual_seed(0)
+    counts = torch.zeros(3, 3)
+    for _ in range(300):
+        c = conlst.complementary_labels_eq4(probs, gamma=0.9, mode="sample")
+        assert c.sum(1).tolist() == [1, 1, 1]  # exactly one class
+        counts += c.float()
+    assert counts[0, 0] == 0 and counts[1, 2] == 0 and counts[2, 1] == 0  # never the predicted class
+    assert counts[0, 1:].min() > 120 and counts[1, :2].min() > 120  # both others, ~150 each
+    # gamma is inclusive: max q == gamma takes the high-confidence branch
+    edge = torch.tensor([[0.9, 0.06, 0.04]])
+    assert conlst.complementary_labels_eq4(edge, 0.9, "all").tolist() == [[False, True, True]]
+
+
+# -------------------------------------------------------------------------------------------
+# Eq. 5: the negative sampler
+# -------------------------------------------------------------------------------------------
+def test_high_confidence_pool_and_negatives_have_the_right_pseudo_label():
+    probs = torch.tensor([[0.95, 0.03, 0.02], [0.2, 0.7, 0.1], [0.02, 0.96, 0.02], [0.01, 0.01, 0.98],
+                          [0.92, 0.04, 0.04], [0.03, 0.93, 0.04], [0.3, 0.3, 0.4]])
+    idx, label = conlst.high_confidence_pool_eq5(probs, 0.9)
+    assert idx.tolist() == [0, 2, 3, 4, 5] and label.tolist() == [0, 1, 2, 0, 1]
+    comp = torch.tensor([[True, False, False], [False, True, False], [False, False, True], [True, True, False]])
+    torch.manual_seed(0)
+    for sharing in ("anchor", "batch"):
+        neg, valid = conlst.sample_negatives_eq5(comp, idx, label, k=3, sharing=sharing)
+        assert neg.shape == valid.shape == (4, 3)
+        conf, pred = probs.max(1)
+        for i in range(4):
+            chosen = neg[i][valid[i]].tolist()
+            assert all(conf[j] >= 0.9 and comp[i, pred[j]] for j in chosen)  # high-confidence, right class
+            assert len(chosen) == len(set(chosen))  # no duplicates
+        # fewer candidates than K: all of them, the rest marked invalid
+        assert sorted(neg[0][valid[0]].tolist()) == [0, 4] and valid[0].sum() == 2
+        assert neg[2][valid[2]].tolist() == [3] and valid[2].sum() == 1
+        assert valid[3].sum() == 3  # 4 candidates (classes 0 and 1), K=3
+
+
+def test_negative_sampler_with_no_candidates_and_batch_sharing():
+    idx, label = torch.tensor([5, 6]), torch.tensor([0, 0])
+    comp = torch.tensor([[False, True, False], [True, False, False]])
+    neg, valid = conlst.sample_negatives_eq5(comp, idx, label, k=4)
+    assert valid[0].sum() == 0 and valid[1].sum() == 2 and neg.shape == (2, 4)
+    empty = torch.zeros(0, dtype=torch.long)
+    neg, valid = conlst.sample_negatives_eq5(comp, empty, empty, 4)
+    assert neg.shape == (2, 4) and not valid.any()  # empty pool
+    # batch sharing: anchors with the same complementary label share one draw
+    idx, label = torch.arange(50), torch.arange(50) % 3
+    comp = F.one_hot(torch.tensor([1, 1, 2, 1, 2]), 3).bool()
+    neg, valid = conlst.sample_negatives_eq5(comp, idx, label, k=5, sharing="batch")
+    assert torch.equal(neg[0], neg[1]) and torch.equal(neg[0], neg[3]) and torch.equal(neg[2], neg[4])
+    assert not torch.equal(neg[0], neg[2])
+    assert (label[neg[0]] == 1).all() and (label[neg[2]] == 2).all()
+
+
+def test_negative_sampler_is_uniform_over_candidates():
+    idx, label = torch.arange(21), torch.tensor([0] + [1] * 20)
+    comp = torch.tensor([[False, True, False]])
+    torch.manual_seed(0)
+    counts = torch.zeros(21)
+    for _ in range(400):
+        neg, valid = conlst.sample_negatives_eq5(comp, idx, label, k=5)
+        counts.index_add_(0, neg[0][valid[0]], torch.ones(int(valid[0].sum())))
+    assert counts[0] == 0 and counts[1:].min() > 60 and counts[1:].max() < 140  # expected 100 each
+
+
+# -------------------------------------------------------------------------------------------
+# Eq. 6: L_CL
+# -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("distance", ["sqeuclidean", "euclidean"])
+def test_l_cl_matches_a_direct_loop(distance):
+    torch.manual_seed(0)
+    b, k, d, tau = 4, 3, 5, 0.7
+    ha, hp, hn = torch.randn(b, d), torch.randn(b, d), torch.randn(b, k, d)
+    valid = torch.tensor([[True, True, True], [True, False, True], [False, False, False], [True, True, False]])
+    got = conlst.contrastive_negative_loss_eq6(ha, hp, hn, valid, tau, distance)
+
+    def s(x, y):
+        d2 = sum((float(u) - float(v)) ** 2 for u, v in zip(x, y))
+        return -d2 if distance == "sqeuclidean" else -math.sqrt(d2)
+
+    total = 0.0
+    for i in range(b):
+        pos = math.exp(s(ha[i], hp[i]) / tau)
+        neg = sum(math.exp(s(ha[i], hn[i, j]) / tau) for j in range(k) if valid[i, j])
+        total += -math.log(pos / (pos + neg))
+    assert abs(got.item() - total / b) < 1e-5
+    # an anchor without negatives contributes exactly 0
+    assert conlst.contrastive_negative_loss_eq6(ha[2:3], hp[2:3], hn[2:3], valid[2:3], tau, distance).item() == 0.0
+
+
+def test_l_cl_by_hand_and_its_gradient_direction():
+    ha = torch.tensor([[0.0, 0.0]], requires_grad=True)
+    hp, hn = torch.tensor([[1.0, 0.0]]), torch.tensor([[[0.0, 2.0]]])
+    loss = conlst.contrastive_negative_loss_eq6(ha, hp, hn, torch.tensor([[True]]), tau=1.0)
+    # s_pos = -1, s_neg = -4: -log(e^-1 / (e^-1 + e^-4))
+    assert abs(loss.item() - math.log(1 + math.exp(-3))) < 1e-6
+    loss.backward()
+    # descent (-grad) moves the anchor toward the positive (+x) and away from the negative (-y)
+    assert ha.grad[0, 0] < 0 and ha.grad[0, 1] > 0
+
+
+# -------------------------------------------------------------------------------------------
+# Eq. 1 and 7: negative learning, L_CLCS
+# -------------------------------------------------------------------------------------------
+def test_l_nl_by_hand():
+    logits = torch.log(torch.tensor([[0.25, 0.25, 0.5], [0.7, 0.2, 0.1]]))
+    one = torch.tensor([[False, False, True], [True, False, False]])
+    expected = (-math.log(1 - 0.5) - math.log(1 - 0.7)) / 2
+    assert abs(conlst.negative_learning_loss_eq1(logits, one).item() - expected) < 1e-6
+    both = torch.tensor([[True, True, False], [False, True, True]])
+    expected = (-math.log(0.75) - math.log(0.75) - math.log(0.8) - math.log(0.9)) / 2
+    assert abs(conlst.negative_learning_loss_eq1(logits, both).item() - expected) < 1e-6
+    # stable where p_k -> 1 (log(1 - p) computed without cancellation)
+    big = torch.tensor([[60.0, 0.0, 0.0]])
+    val = conlst.negative_learning_loss_eq1(big, torch.tensor([[True, False, False]])).item()
+    assert math.isfinite(val) and abs(val - (60 - math.log(2))) < 1e-3
+
+
+def test_clcs_uses_a_random_wrong_class():
+    labels = torch.tensor([0, 1, 2] * 100)
+    torch.manual_seed(0)
+    comp = conlst.random_complementary_labels(labels, 3)
+    assert comp.sum(1).eq(1).all() and not comp[torch.arange(300), labels].any()
+    counts = comp[labels == 0].sum(0)
+    assert counts[0] == 0 and 30 < counts[1] < 70 and 30 < counts[2] < 70
+    logits = torch.randn(300, 3)
+    torch.manual_seed(1)
+    got = conlst.clcs_loss_eq7(logits, labels)
+    torch.manual_seed(1)
+    again = conlst.negative_learning_loss_eq1(logits, conlst.random_complementary_labels(labels, 3))
+    assert torch.allclose(got, again) and got.item() > 0  # Eq. 7 is minimized: positive
+
+
+# -------------------------------------------------------------------------------------------
+# FlexMatch thresholds and selection
+# -------------------------------------------------------------------------------------------
+def test_flexmatch_thresholds_by_hand():
+    memory = torch.tensor([0, 0, 0, 1, -1, -1, -1, -1, -1, -1])  # sigma = [3, 1, 0], 6 unused
+    warm = conlst.flexmatch_thresholds(memory, 3, 0.95, warmup=True, mapping="convex")
+    beta = torch.tensor([3 / 6, 1 / 6, 0.0])  # normalised by max(3, 6 unused)
+    assert torch.allclose(warm, 0.95 * beta / (2 - beta))
+    assert torch.allclose(warm, torch.tensor([0.95 / 3, 0.95 / 11, 0.0]))
+    cold = conlst.flexmatch_thresholds(memory, 3, 0.95, warmup=False, mapping="convex")
+    assert torch.allclose(cold, torch.tensor([0.95, 0.95 * 0.2, 0.0]))  # beta = [1, 1/3, 0]
+    lin = conlst.flexmatch_thresholds(memory, 3, 0.95, warmup=False, mapping="linear")
+    assert torch.allclose(lin, torch.tensor([0.95, 0.95 / 3, 0.0]))
+    # past warm-up (fewer unused than the top class): the same as without warm-up
+    memory2 = torch.tensor([0] * 5 + [1] * 2 + [-1] * 3)
+    assert torch.allclose(conlst.flexmatch_thresholds(memory2, 3, 0.9, True),
+                          conlst.flexmatch_thresholds(memory2, 3, 0.9, False))
+    # nothing learnt yet: every threshold 0 (FlexMatch's start)
+    assert conlst.flexmatch_thresholds(torch.full((4,), -1), 3, 0.95).tolist() == [0.0, 0.0, 0.0]
+
+
+def test_flexmatch_memory_and_selection():
+    memory = torch.tensor([-1, 2, 1, -1])
+    conf = torch.tensor([0.97, 0.5, 0.96, 0.2])
+    pred = torch.tensor([0, 0, 0, 1])
+    new = conlst.flexmatch_update_memory(memory, conf, pred, 0.95)
+    assert new.tolist() == [0, 2, 0, -1]  # updated where conf >= 0.95, kept elsewhere
+    thr = torch.tensor([0.6, 0.1, 0.9])
+    sel = conlst.select_confident_eq14(torch.tensor([0.6, 0.59, 0.2, 0.95]), torch.tensor([0, 0, 1, 2]), thr)
+    assert sel.tolist() == [True, False, True, True]
+
+
+# -------------------------------------------------------------------------------------------
+# Strong views: random masking, mixup
+# -------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny():
+    texts = ["a man is playing a guitar", "une femme lit un livre", "query: the cat sleeps", "les enfants jouent"]
+    model, tok = tiny_encoder(texts, hidden=16, layers=1, heads=2, vocab_size=200, max_length=32)
+    return model, tok
+
+
+def test_random_masking_keeps_special_tokens_and_prefix(tiny):
+    _, tok = tiny
+    enc = conlst.tokenize_pairs(tok, [("the cat sleeps", "a man"), ("une femme", "les enfants jouent")],
+                                "query: ", 32, maskable=True)
+    ids, can = enc["input_ids"], enc["maskable"]
+    special = torch.isin(ids, torch.tensor([tok.cls_token_id, tok.sep_token_id, tok.pad_token_id]))
+    assert not (can & special).any()
+    n_prefix = len(tok("query: ", add_special_tokens=False)["input_ids"])
+    assert n_prefix == 2 and not can[:, 1:3].any()  # "query" ":" after [CLS]
+    assert torch.equal(conlst.random_token_masking(ids, can, 0.0, tok.mask_token_id), ids)
+    all_masked = conlst.random_token_masking(ids, can, 1.0, tok.mask_token_id)
+    assert (all_masked[can] == tok.mask_token_id).all() and torch.equal(all_masked[~can], ids[~can])
+    torch.manual_seed(0)
+    big = torch.arange(100000).reshape(100, 1000)
+    frac = (conlst.random_token_masking(big, torch.ones_like(big, dtype=torch.bool), 0.15, -1) == -1).float().mean()
+    assert abs(frac.item() - 0.15) < 0.01
+
+
+def test_mixup_mixes_inputs_and_one_hot_targets():
+    x = torch.randn(4, 6)
+    y = F.one_hot(torch.tensor([0, 1, 2, 0]), 3).float()
+    partner = torch.tensor([1, 2, 3, 0])
+    lam = torch.tensor([0.3, 0.5, 1.0, 0.0])
+    mx, my = conlst.mixup_eq9_10(x, x[partner], y, y[partner], lam)
+    assert mx.shape == (4, 6) and my.shape == (4, 3)
+    assert torch.allclose(my[0], torch.tensor([0.3, 0.7, 0.0]))
+    assert torch.allclose(my[1], torch.tensor([0.0, 0.5, 0.5]))
+    assert torch.allclose(mx[0], 0.3 * x[0] + 0.7 * x[1]) and torch.equal(mx[2], x[2]) and torch.equal(mx[3], x[0])
+    assert torch.allclose(my.sum(1), torch.ones(4))
+    torch.manual_seed(0)
+    lam = conlst.sample_mixup_lambda_eq11(20000, 4.0)
+    assert lam.shape == (20000,) and (lam > 0).all() and (lam < 1).all()
+    assert abs(lam.mean().item() - 0.5) < 0.01 and abs(lam.var().item() - 1 / 36) < 0.002  # Beta(4,4): var 1/36
+    logits = torch.tensor([[2.0, 0.0, -1.0]])
+    soft = torch.tensor([[0.3, 0.7, 0.0]])
+    expected = -(soft * F.log_softmax(logits, 1)).sum()
+    assert torch.allclose(conlst.soft_cross_entropy(logits, soft), expected)
+
+
+class _Ctx:
+    """The few fields the batch builders read."""
+
+    def __init__(self, tok, pool, bt=None):
+        self.tok, self.prefix, self.device = tok, "", torch.device("cpu")
+        self.args = conlst.Args(max_length=32, mask_ratio=0.0)
+        self.target = conlst.TargetData("fr", pool, [], bt)
+
+
+def _tiny_model(tiny):
+    encoder, tok = tiny
+    torch.manual_seed(0)
+    return conlst.CoNLSTModel(encoder, "mean", 0, 0.0).eval(), tok  # eval: no dropout, deterministic
+
+
+def test_st_step_equals_the_direct_formula(tiny):
+    model, tok = _tiny_model(tiny)
+    pairs = [("the cat sleeps", "a man"), ("une femme lit", "un livre"), ("les enfants", "jouent"), ("a man", "reads")]
+    src = [Example("a man is playing", "a guitar", 2), Example("the cat", "sleeps", 0)]
+    ctx = _Ctx(tok, pairs, bt={"a man": "a guy", "reads": "is reading"})
+    torch.manual_seed(3)
+    batch = conlst.make_st_batch(ctx, pairs, ["mixup", "mask", "mixup", "bt"], [0, 1, 2, 1], src)
+    lam, partner = batch["lam"], batch["partner"]
+    assert (partner != torch.arange(4)).all() and ((lam > 0) & (lam < 1)).all()
+    args = conlst.Args(lambda_u=0.5)
+    loss, terms = conlst.st_step(model, batch, args)
+    views = pairs[:3] + [("a guy", "is reading")]  # the back-translated pair for the 'bt' row
+    h = model.pool(conlst.tokenize_pairs(tok, views, "", 32))
+    y = F.one_hot(torch.tensor([0, 1, 2, 1]), 3).float()
+    l_u = 0.0
+    for i in range(4):
+        if i in (0, 2):  # mixup rows: Eq. 9-10 with a random other row of the batch
+            x_i = lam[i] * h[i] + (1 - lam[i]) * h[partner[i]]
+            y_i = lam[i] * y[i] + (1 - lam[i]) * y[partner[i]]
+        else:
+            x_i, y_i = h[i], y[i]
+        l_u += -(y_i * F.log_softmax(model.classifier(x_i), -1)).sum() / 4
+    l_sup = F.cross_entropy(model(conlst.tokenize_pairs(tok, [(e.text_a, e.text_b) for e in src], "", 32)),
+                            torch.tensor([2, 0]))
+    assert torch.allclose(terms["l_u"], l_u, atol=1e-5) and torch.allclose(terms["l_sup"], l_sup, atol=1e-5)
+    assert torch.allclose(loss, l_sup + 0.5 * l_u, atol=1e-5)
+
+
+def test_conl_step_equals_the_direct_formula(tiny):
+    model, tok = _tiny_model(tiny)
+    pool = [("the cat sleeps", "a man"), ("une femme lit", "un livre"), ("les enfants", "jouent"),
+            ("a man", "reads"), ("query", "the cat")]
+    ctx = _Ctx(tok, pool)
+    comp = torch.tensor([[False, True, False], [False, False, True]])
+    neg_idx = torch.tensor([[3, 4], [4, 0]])
+    neg_valid = torch.tensor([[True, True], [True, False]])
+    src = [Example("a man is playing", "a guitar", 2)]
+    batch = conlst.make_conl_batch(ctx, pool[:2], comp, neg_idx, neg_valid, src)
+    args = conlst.Args(tau=0.5, lambda_clcs=0.1)
+    torch.manual_seed(0)
+    loss, terms = conlst.conl_step(model, batch, args)
+    h = model.con_head(model.pool(conlst.tokenize_pairs(tok, pool, "", 32))).detach()
+    total = 0.0
+    for i, negs in ((0, [3, 4]), (1, [4])):
+        pos = 1.0  # eval mode: the second pass equals the first, distance 0
+        neg = sum(math.exp(-float((h[i] - h[j]).pow(2).sum()) / 0.5) for j in negs)
+        total += -math.log(pos / (pos + neg)) / 2
+    assert abs(terms["l_cl"].item() - total) < 1e-5 and terms["no_neg_frac"].item() == 0.0
+    torch.manual_seed(0)
+    src_logits = model(conlst.tokenize_pairs(tok, [("a man is playing", "a guitar")], "", 32))
+    clcs = conlst.clcs_loss_eq7(src_logits, torch.tensor([2]))
+    assert torch.allclose(terms["l_clcs"], clcs, atol=1e-5) and abs(loss.item() - (total + 0.1 * clcs.item())) < 1e-5
+    # w/o CL: Eq. 1 on the anchors with their complementary labels
+    batch = conlst.make_conl_batch(ctx, pool[:2], comp, torch.zeros(2, 0, dtype=torch.long),
+                                   torch.zeros(2, 0, dtype=torch.bool), [])
+    _, terms = conlst.conl_step(model, batch, conlst.Args(wo_cl=True))
+    nl = conlst.negative_learning_loss_eq1(model(conlst.tokenize_pairs(tok, pool[:2], "", 32)), comp)
+    assert set(terms) == {"l_nl"} and torch.allclose(terms["l_nl"], nl, atol=1e-5)
+
+
+# -------------------------------------------------------------------------------------------
+# Loaders on the shared files
+# -------------------------------------------------------------------------------------------
+def _args(tmp_path, *extra):
+    return parse_args(conlst.Args, ["--preset", "smoke", "--out-dir", str(tmp_path), *extra], presets=conlst.PRESETS)
+
+
+def test_loaders_on_shared_xnli_and_snli(shared_data, tmp_path):
+    a = _args(tmp_path, "--limit-train", "30000", "--limit-pool", "9000", "--limit-eval", "9000")
+    snli_dev = conlst.load_text_task("snli", "dev", shared_data)
+    assert len(snli_dev) == 9842 and {e.label for e in snli_dev} == {0, 1, 2}
+    a.source_splits = ["dev", "test"]
+    source = conlst.load_source(a)
+    assert len(source) == 9842 + 9824 and all(e.label in (0, 1, 2) for e in source)
+    dev = conlst.load_eval_set(a, "sw", "dev")
+    assert len(dev) == 2490 and [sum(e.label == c for e in dev) for c in range(3)] == [830, 830, 830]
+    pool = conlst.load_pool(a, "ur")
+    assert len(pool) == 5010 and all(isinstance(p, tuple) and len(p) == 2 for p in pool)  # no labels at all
+    assert conlst.load_pool_gold_labels_for_analysis_only(a, "ur") is None  # local test has no labels
+    a.pool_split, a.eval_split = "dev", "test"
+    gold = conlst.load_pool_gold_labels_for_analysis_only(a, "fr")
+    assert gold.shape == (2490,) and set(gold.tolist()) == {0, 1, 2}
+    with pytest.raises(MissingError):  # local XNLI test has no labels and --data-source local forbids the hub
+        a.data_source = "local"
+        conlst.load_eval_set(a, "fr", "test")
+    # subsets: the pool takes the same rows in every language (XNLI is parallel), eval is seed-independent
+    b = _args(tmp_path)
+    b2 = _args(tmp_path, "--seed", "1")
+    assert len(conlst.load_pool(b, "fr")) == 96
+    assert conlst._subset(5010, 96, b.seed).tolist() != conlst._subset(5010, 96, b2.seed).tolist()
+    texts = [[e.text_a for e in conlst.load_eval_set(x, "de", "dev")] for x in (b, b2)]
+    assert texts[0] == texts[1]
+
+
+# -------------------------------------------------------------------------------------------
+# Back-translation: the cache and the precomputed-file path (never a download)
+# -------------------------------------------------------------------------------------------
+def test_back_translation_cache(tmp_path):
+    calls = []
+
+    def fake_translate(texts, src, tgt):
+        calls.append((len(texts), src, tgt))
+        return [f"[{tgt}] " + t for t in texts]
+
+    cache = tmp_path / "bt.tsv"
+    out = conlst.back_translate(["Bonjour  le monde", "Salut\tà tous"], "fr", "en", fake_translate, cache)
+    assert calls == [(2, "fr", "en"), (2, "en", "fr")]
+    assert out["Bonjour le monde"] == "[fr] [en] Bonjour le monde" and out["Salut à tous"] == "[fr] [en] Salut à tous"
+    assert conlst.read_translations(cache) == out
+    out2 = conlst.back_translate(["Bonjour le monde", "Encore"], "fr", "en", fake_translate, cache)
+    assert calls[2:] == [(1, "fr", "en"), (1, "en", "fr")] and len(out2) == 3  # only the new sentence
+    assert conlst.bt_pair(out2, ("Bonjour le monde", "Encore")) == ("[fr] [en] Bonjour le monde", "[fr] [en] Encore")
+    assert conlst.bt_pair(out2, ("Bonjour le monde", "absent")) is None
+    a = _args(tmp_path, "--bt", "mbart")
+    with pytest.raises(MissingError, match="mBART-50 does not cover"):
+        conlst.load_backtranslations(a, "el", [("a", "b")], torch.device("cpu"), translator=fake_translate)
+    a.bt_cache_dir = str(tmp_path / "cache")
+    got = conlst.load_backtranslations(a, "en", [("one", "two")], torch.device("cpu"), translator=fake_translate)
+    assert got == {"one": "[en] [fr] one", "two": "[en] [fr] two"}  # English target: French pivot
+    assert list((tmp_path / "cache").glob("*.en.via-fr.tsv"))
+
+
+# -------------------------------------------------------------------------------------------
+# End-to-end: every stage on a tiny model and real XNLI/SNLI text
+# -------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    from common.utils import shared_data_dir
+
+    if not shared_data_dir().is_dir():
+        pytest.skip("the offline data folder is absent")
+    out = tmp_path_factory.mktemp("runs")
+    summary = conlst.main(_args(out, "--exp-name", "full", "--gamma", "0.34"))
+    return out / "full", summary
+
+
+def test_full_pipeline_writes_the_run_files(full_run):
+    run, summary = full_run
+    for f in ("args.json", "metrics.jsonl", "summary.json", "checkpoint.pt", "stage0.pt", "confidence_fr.png"):
+        assert (run / f).exists(), f
+    assert not (run / "best_in_stage.pt").exists() and not (run / "stage1_fr.pt").exists()
+    s = json.loads((run / "summary.json").read_text())
+    for key in ("script", "method", "dataset", "setting", "seed", "primary_metric", "final", "best", "wall_s",
+                "samples_per_s"):
+        assert key in s, key
+    assert s["script"] == "conlst.py" and s["method"] == "conlst" and s["primary_metric"] == "acc"
+    assert s["setting"] == "snli->fr" and s["final"]["step"] == s["steps"] and s["samples_per_s"] > 0
+    recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["stage"], r["lang"]) for r in recs] == [(0, None)] * 4 + [(0, "fr"), (1, "fr"), (2, "fr"), (2, "fr")]
+    assert all(r["split"] == "eval" and "en_dev_acc" in r for r in recs)
+    fr = s["per_lang"]["fr"]
+    assert fr["stage0"]["acc"] == recs[4]["acc"] and fr["final"]["acc"] == recs[-1]["acc"] == s["final"]["acc"]
+    best = max(recs[-2:], key=lambda r: (r["en_dev_acc"], r["step"]))  # best English dev within stage 2
+    assert s["best"]["acc"] == best["acc"] and s["best"]["step"] == best["step"]
+    # losses go down: stage 0 CE over epochs, stage 2 target loss over iterations
+    assert recs[3]["l_ce"] < recs[0]["l_ce"]
+    assert recs[7]["l_u"] < recs[6]["l_u"]
+    # stage 1 ran the contrastive term with real negatives and L_CLCS
+    assert recs[5]["l_cl"] > 0 and recs[5]["no_neg_frac"] < 1 and recs[5]["l_clcs"] > 0
+    # confidence bins before/after stage 1 and after stage 2, on the evaluation set (the pool has no labels)
+    assert fr["bins_on"] == "eval" and set(fr["bins"]) == {"after_stage0", "after_stage1", "after_stage2"}
+    for b in fr["bins"].values():
+        assert sum(b[k]["n"] for k in ("high", "mid", "low")) == b["all"]["n"] == 96
+        assert sum(b["hist"]["clean"]) + sum(b["hist"]["noisy"]) == 96
+        assert abs(b["all"]["acc"] - 100 * sum(b["hist"]["clean"]) / 96) < 1e-6
+    assert abs(fr["bins"]["after_stage0"]["all"]["acc"] - fr["stage0"]["acc"]) < 1e-6
+    it = fr["stage2_iterations"]
+    assert [x["iteration"] for x in it] == [1, 2] and it[0]["views"]["bt"] == 0 and it[0]["n_selected"] > 0
+
+
+def test_resume_across_stages_repeats_the_uninterrupted_run(full_run, tmp_path, monkeypatch):
+    run, summary = full_run
+    real_stop = conlst.check_stop
+
+    def stop_in_stage2(ctx):  # two steps into stage 2's second iteration (after the first one's checkpoint)
+        if ctx.history and ctx.history[-1]["stage"] == 2 and ctx.step >= ctx.history[-1]["step"] + 2:
+            sys.exit(130)
+        real_stop(ctx)
+
+    monkeypatch.setattr(conlst, "check_stop", stop_in_stage2)
+    with pytest.raises(SystemExit):
+        conlst.main(_args(tmp_path, "--exp-name", "cut", "--gamma", "0.34"))
+    monkeypatch.setattr(conlst, "check_stop", real_stop)
+    cut = tmp_path / "cut"
+    partial = json.loads((cut / "summary.json").read_text())  # written after each finished stage
+    assert "stage1" in partial["per_lang"]["fr"] and "stage2" not in partial["per_lang"]["fr"]
+    resumed = conlst.main(parse_args(conlst.Args, ["--resume", str(cut)]))
+    a = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    b = [json.loads(x) for x in (cut / "metrics.jsonl").read_text().splitlines()]
+    strip = lambda r: {k: v for k, v in r.items() if k != "elapsed_s"}  # noqa: E731
+    assert [strip(r) for r in a] == [strip(r) for r in b]
+    assert resumed["per_lang"]["fr"]["bins"] == summary["per_lang"]["fr"]["bins"]
+
+
+def test_ablations_stage0_reuse_and_backtranslation_file(full_run, tmp_path):
+    """--stage0-from reuses the stage-0 model; --wo-cl runs stage 1 with negative learning; stage 2
+    takes back-translated views from a precomputed file (covering a few pool pairs)."""
+    run, _ = full_run
+    a = _args(tmp_path)
+    pool = conlst.load_pool(a, "fr")
+    bt = tmp_path / "bt.tsv"
+    conlst.write_translations(bt, {s: s[::-1] for pair in pool[:30] for s in pair})
+    s = conlst.main(_args(tmp_path, "--exp-name", "abl", "--stage0-from", str(run), "--wo-cl", "--bt", "file",
+                          "--bt-file", str(bt), "--wo-mixup", "--s2-iterations", "1"))
+    assert s["method"] == "conlst_wo_cl_wo_mixup" and not (tmp_path / "abl" / "stage0.pt").exists()
+    recs = [json.loads(x) for x in (tmp_path / "abl" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["stage"] for r in recs] == [0, 1, 2] and "l_nl" in recs[1] and "l_cl" not in recs[1]
+    full = json.loads((run / "metrics.jsonl").read_text().splitlines()[4])
+    assert recs[0]["acc"] == full["acc"]  # the same stage-0 model, the same zero-shot accuracy
+    views = s["per_lang"]["fr"]["stage2_iterations"][0]["views"]
+    assert views["mixup"] == 0 and views["bt"] > 0 and views["mask"] > 0
+    # stage 2 only, and the zero-shot baseline
+    z = conlst.main(_args(tmp_path, "--stage0-from", str(run / "stage0.pt"), "--wo-conl", "--wo-st"))
+    assert z["method"] == "zeroshot" and z["best"]["acc"] == full["acc"] and set(z["avg"]) >= {"stage0"}
+    with pytest.raises(UsageError, match="--stage0-from"):
+        conlst.main(_args(tmp_path, "--stage0-from", str(run), "--con-dim", "8"))
+
+
+def test_step_functions_time_method_and_baseline_on_the_same_batch(shared_data):
+    t = conlst.time_steps(_args(Path("unused"), "--gamma", "0.34"), repeats=1)
+    assert set(t) == {"ft_s", "conl_s", "fixmatch_s", "st_s", "conl_over_ft", "st_over_fixmatch"}
+    assert all(v > 0 for v in t.values())
+
+
+# -------------------------------------------------------------------------------------------
+# Arguments
+# -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("argv,flag", [(["--gamma", "1.5"], "--gamma"), (["--langs", "xx"], "--langs"),
+                                       (["--pool-split", "dev", "--eval-split", "dev"], "--pool-split"),
+                                       (["--wo-conl", "--wo-cl"], "--wo-conl"), (["--wo-st", "--wo-bt"], "--wo-st"),
+                                       (["--bt", "file"], "--bt"), (["--k-neg", "0"], "--k-neg"),
+                                       (["--tau", "0"], "--tau"), (["--limit-pool", "0"], "--limit-pool")])
+def test_validate_names_the_flag(tmp_path, argv, flag):
+    with pytest.raises(UsageError, match=flag):
+        conlst.validate(_args(tmp_path, *argv))
+
+
+def test_bad_argument_exits_2_with_one_line_and_writes_nothing(tmp_path):
+    r = subprocess.run([sys.executable, "conlst.py", "--preset", "smoke", "--mask-ratio", "1.5", "--out-dir",
+                        str(tmp_path / "runs")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "--mask-ratio" in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "runs").exists()
+
+
+def test_presets_hold_the_paper_values():
+    a = parse_args(conlst.Args, [], presets=conlst.PRESETS)
+    assert (a.s1_lr, a.lambda_clcs, a.mixup_alpha, a.lambda_u, a.s1_epochs) == (2e-6, 1e-3, 4.0, 1.0, 1)
+    assert (a.model, a.source_task, a.pool_split, a.eval_split, a.select_lang) == (
+        "bert-base-multilingual-cased", "mnli", "dev", "test", "en")
+    assert conlst.resolve_langs(a) == list(conlst.XNLI_LANGS)
+    x = parse_args(conlst.Args, ["--preset", "xlmr"], presets=conlst.PRESETS)
+    assert x.model == "xlm-roberta-large" and x.s1_lr == 5e-6
+    c = parse_args(conlst.Args, ["--preset", "cpu", "--lang", "sw"], presets=conlst.PRESETS)
+    assert c.model == "e5-small" and c.bt == "off" and conlst.resolve_langs(c) == ["sw"]
+    assert (c.source_task, c.source_splits, c.pool_split, c.eval_split) == ("snli", ["dev", "test"], "test", "dev")
+    ex = Example("a", "b", 0)
+    assert conlst.accuracy(torch.tensor([[0.9, 0.05, 0.05]]), [ex]) == 100.0
