@@ -1,0 +1,294 @@
+"""SCAL: perturbations, InfoNCE and metrics on hand-made tensors; the step functions against a
+direct composition; the script's data rules on the shared files; short runs of a tiny random
+BERT on real offline text (run files, loss going down, resume, every method)."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import scal
+from common import text_data
+from common.utils import MissingError, UsageError, parse_args, shared_data_dir
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy machine two threads wait
+    on each other (3x slower here); restored after this module."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# ------------------------------------------------------------------------------------------
+# Perturbations (Eq. 2, Eq. 6)
+# ------------------------------------------------------------------------------------------
+def test_fgm_has_the_requested_l2_norm_per_example_and_the_gradient_direction():
+    g = torch.randn(4, 5, 3)
+    g[2] = 0.0  # an example without gradient (e.g. all padding) gets no perturbation
+    g[3] *= 1000.0  # the scale of one example must not affect the others
+    d = scal.fgm_perturbation_eq6(g, 0.3)
+    norms = d.flatten(1).norm(dim=1)
+    assert torch.allclose(norms[[0, 1, 3]], torch.full((3,), 0.3), atol=1e-6)
+    assert norms[2] == 0
+    for i in (0, 1, 3):  # same direction as the gradient of that example
+        assert F.cosine_similarity(d[i].flatten(), g[i].flatten(), dim=0) > 0.9999
+    assert not d.requires_grad
+
+
+def test_fgsm_has_max_norm_epsilon_and_the_gradient_sign():
+    g = torch.tensor([[[0.5, -2.0, 0.0], [1e-8, -1e-8, 3.0]]])
+    d = scal.fgsm_perturbation_eq2(g, 0.1)
+    assert torch.equal(d, 0.1 * torch.tensor([[[1.0, -1.0, 0.0], [1.0, -1.0, 1.0]]]))
+    assert d.abs().max() == pytest.approx(0.1)
+
+
+@pytest.fixture(scope="module")
+def tiny_setup():
+    """A tiny random BERT + SCAL heads and one real TREC batch (eval mode: no dropout)."""
+    if not shared_data_dir().is_dir():
+        pytest.skip(f"the offline data folder {shared_data_dir()} is absent (set LIS_SHARED_DATA)")
+    examples = text_data.load_text_task("trec", "train", shared_data_dir(), "local")[:24]
+    args = parse_args(scal.Args, ["--task", "trec", "--model", "tiny", "--max-length", "32"])
+    encoder, tok = scal.load_model(args, [e.text_a for e in examples])
+    torch.manual_seed(0)
+    model = scal.SCALModel(encoder, 6).eval()
+    batch = scal.collate(scal.encode_examples(tok, examples, 32), tok.pad_token_id, torch.device("cpu"), False)
+    return model, batch, args
+
+
+@pytest.mark.parametrize("attack,eps", [("fgm", 0.05), ("fgsm", 0.002)])
+def test_the_perturbation_raises_the_loss_and_beats_a_random_one(tiny_setup, attack, eps):
+    model, batch, _ = tiny_setup
+    x = model.embed(batch["input_ids"]).detach().requires_grad_(True)
+    per_example = lambda emb: scal.task_loss_eq5(model(emb, batch, with_z=False)[0], batch["labels"], "none")  # noqa: E731
+    clean = per_example(x)
+    delta = scal.adversarial_perturbation(clean.sum(), x, attack, eps)
+    with torch.no_grad():
+        adv = per_example(x + delta)
+        rand = per_example(x + delta[torch.randperm(len(delta))].flip(-1))  # same size, unrelated direction
+    rise = (adv - clean).detach()
+    assert (rise > 0).float().mean() > 0.9  # nearly every example's own loss goes up
+    assert rise.mean() > 0 and adv.mean() > rand.mean()
+
+
+# ------------------------------------------------------------------------------------------
+# InfoNCE (Eq. 7) and the total (Eq. 8)
+# ------------------------------------------------------------------------------------------
+def _cos(a, b):
+    return float(a @ b) / (float(a.norm()) * float(b.norm()))
+
+
+@pytest.mark.parametrize("denominator", ["adv", "anchor"])
+def test_infonce_matches_a_direct_loop(denominator):
+    torch.manual_seed(1)
+    z, zp, tau = torch.randn(5, 4), torch.randn(5, 4), 0.05
+    total = 0.0
+    for i in range(5):
+        other = zp if denominator == "adv" else z
+        num = math.exp(_cos(z[i], zp[i]) / tau)
+        den = sum(math.exp(_cos(z[i], other[k]) / tau) for k in range(5))
+        total += -math.log(num / den)
+    got = scal.infonce_eq7(z, zp, tau, denominator).item()
+    assert got == pytest.approx(total / 5, rel=1e-5)
+
+
+def test_infonce_is_small_when_each_positive_is_its_own_view():
+    z = torch.eye(4)
+    assert scal.infonce_eq7(z, z + 0.01, 0.05).item() < 1e-6
+    assert scal.infonce_eq7(z, z.roll(1, 0), 0.05).item() > 10  # positives swapped: large
+
+
+def test_total_eq8_by_hand():
+    got = scal.scal_total_eq8(torch.tensor(1.0), torch.tensor(3.0), torch.tensor(2.0), 0.5)
+    assert got.item() == pytest.approx(0.5 * (1 + 3) + 0.5 * 2)
+
+
+def test_scal_step_is_the_direct_composition(tiny_setup):
+    """In eval mode (no dropout) scal_step equals Eq. 8 assembled by hand from its pieces:
+    the positive is the adversarial view of the same input embeddings."""
+    model, batch, args = tiny_setup
+    loss, terms = scal.scal_step(model, batch, args)
+    x = model.embed(batch["input_ids"])
+    logits, z = model(x, batch)
+    ce = F.cross_entropy(logits, batch["labels"])
+    (g,) = torch.autograd.grad(ce, x)
+    delta = args.epsilon * g / g.flatten(1).norm(dim=1)[:, None, None]
+    logits_adv, z_adv = model(x.detach() + delta, batch)
+    ce_adv = F.cross_entropy(logits_adv, batch["labels"])
+    sim = F.normalize(z, dim=-1) @ F.normalize(z_adv, dim=-1).t() / args.tau
+    l_ct = F.cross_entropy(sim, torch.arange(len(sim)))
+    assert terms["ce"].item() == pytest.approx(ce.item(), rel=1e-5)
+    assert terms["ce_adv"].item() == pytest.approx(ce_adv.item(), rel=1e-5)
+    assert terms["l_ct"].item() == pytest.approx(l_ct.item(), rel=1e-4)
+    assert loss.item() == pytest.approx((0.5 * (ce + ce_adv) + args.alpha * l_ct).item(), rel=1e-5)
+    # baselines: ft is CE only; adv is Eq. 8 without L_ct; cl has no adversarial CE
+    assert scal.ft_step(model, batch, args)[0].item() == pytest.approx(ce.item(), rel=1e-5)
+    assert scal.adv_step(model, batch, args)[0].item() == pytest.approx((0.5 * (ce + ce_adv)).item(), rel=1e-5)
+    cl_loss, cl_terms = scal.cl_step(model, batch, args)
+    assert set(cl_terms) == {"ce", "l_ct"}
+    loss.backward()  # one backward through both branches works (the graph was kept)
+
+
+# ------------------------------------------------------------------------------------------
+# Metrics (GLUE's official ones)
+# ------------------------------------------------------------------------------------------
+def test_glue_metrics_by_hand():
+    pred, gold = np.array([1, 1, 0, 0, 1]), np.array([1, 0, 0, 0, 1])
+    assert scal.accuracy(pred, gold) == pytest.approx(80.0)
+    assert scal.f1_binary(pred, gold) == pytest.approx(100 * 2 * 2 / (2 * 2 + 1 + 0))  # TP 2, FP 1, FN 0
+    assert scal.matthews_corrcoef(pred, gold) == pytest.approx(100 * (2 * 2 - 1 * 0) / math.sqrt(3 * 2 * 2 * 3))
+    assert scal.matthews_corrcoef(np.ones(4, int), np.array([0, 1, 0, 1])) == 0.0  # constant prediction
+    assert scal.pearson(np.array([1.0, 2, 3]), np.array([1.0, 2, 4])) == pytest.approx(100 * 3 / math.sqrt(2 * 14 / 3))
+    assert scal.spearman(np.array([1.0, 2, 3, 4]), np.array([1.0, 3, 2, 4])) == pytest.approx(100 * (1 - 6 * 2 / 60))
+    trec = scal.task_metrics("trec", np.array([0, 1, 2, 2]), np.array([0, 1, 2, 3]))
+    assert trec == {"acc": 75.0, "err": 25.0}
+    assert scal.task_metrics("cola", pred, gold) == {"acc": 80.0, "mcc": pytest.approx(100 * 4 / 6)}
+    assert scal.task_metrics("mrpc", pred, gold) == {"acc": 80.0, "f1": pytest.approx(80.0)}
+    assert set(scal.task_metrics("stsb", pred.astype(float), gold.astype(float))) == {"pearson", "spearman"}
+
+
+def test_multiclass_mcc_matches_the_covariance_definition():
+    rng = np.random.default_rng(0)
+    gold = rng.integers(0, 3, 200)
+    pred = np.where(rng.random(200) < 0.6, gold, rng.integers(0, 3, 200))
+    x, y = np.eye(3)[pred], np.eye(3)[gold]
+    cov = lambda a, b: np.sum((a - a.mean(0)) * (b - b.mean(0)))  # noqa: E731
+    assert scal.matthews_corrcoef(pred, gold) == pytest.approx(100 * cov(x, y) / math.sqrt(cov(x, x) * cov(y, y)))
+
+
+# ------------------------------------------------------------------------------------------
+# Data rules of the script, on the shared files
+# ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("task,preset,n_train,split,n_eval,n_classes", [
+    ("rte", "cpu-pairs", 800, "dev", 277, 2), ("mrpc", "cpu-pairs", 800, "test", 1000, 2),
+    ("cola", "cpu", 2000, "dev", 1043, 2), ("sst2", "cpu", 2000, "dev", 872, 2), ("trec", "cpu", 2000, "test", 500, 6)])
+def test_cpu_protocol_data(shared_data, task, preset, n_train, split, n_eval, n_classes):
+    args = parse_args(scal.Args, ["--preset", preset, "--task", task], presets=scal.PRESETS)
+    train, evals, tests = scal.load_task(args, shared_data)
+    assert len(train) == n_train and not tests
+    (name, suffix, parts), = evals
+    assert name == split and suffix == "" and sum(len(p) for p in parts) >= n_eval
+    assert {e.label for e in train} == set(range(n_classes))
+    # the subset is fixed by --subset-seed, not by --seed
+    other = scal.load_task(parse_args(scal.Args, ["--preset", preset, "--task", task, "--seed", "5"],
+                                      presets=scal.PRESETS), shared_data)[0]
+    assert other == train
+
+
+def test_trec_and_mrpc_full_sizes_and_labels(shared_data):
+    args = parse_args(scal.Args, ["--task", "trec", "--source", "local"])
+    train, evals, _ = scal.load_task(args, shared_data)
+    assert len(train) == 5452 and len(evals[0][2][0]) == 500
+    assert text_data.label_names("trec")[train[0].label] == "DESC"  # "DESC:manner How did serfdom develop ..."
+    args = parse_args(scal.Args, ["--task", "mrpc", "--source", "local"])
+    train, evals, _ = scal.load_task(args, shared_data)
+    assert len(train) == 4076 and len(evals[0][2][0]) == 1725 and train[0].text_b is not None
+
+
+def test_hub_only_data_offline_is_a_missing_error_and_writes_nothing(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    args = parse_args(scal.Args, ["--preset", "anli-roberta-large", "--out-dir", str(tmp_path / "runs")],
+                      presets=scal.PRESETS)
+    assert args.task == "anli" and args.train_tasks == ["mnli", "snli"] and args.batch_size == 32
+    with pytest.raises(MissingError, match="MultiNLI"):
+        scal.main(args)
+    assert not (tmp_path / "runs").exists()
+
+
+# ------------------------------------------------------------------------------------------
+# Runs of a tiny random BERT on real TREC questions
+# ------------------------------------------------------------------------------------------
+def _args(tmp_path, *extra):
+    return parse_args(scal.Args, ["--preset", "smoke", "--task", "trec", "--out-dir", str(tmp_path),
+                                  "--max-steps", "1000", *extra], presets=scal.PRESETS)
+
+
+RUN = ["--limit-train", "256", "--limit-eval", "64", "--batch-size", "32", "--epochs", "3", "--lr", "1e-3",
+       "--max-length", "32"]
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    """One complete 3-epoch run (24 steps), shared by the smoke and the resume test."""
+    if not shared_data_dir().is_dir():
+        pytest.skip(f"the offline data folder {shared_data_dir()} is absent (set LIS_SHARED_DATA)")
+    out = tmp_path_factory.mktemp("scal_runs")
+    return out / "full", scal.main(_args(out, *RUN, "--exp-name", "full"))
+
+
+def test_smoke_run_writes_the_run_files_and_learns(full_run):
+    run, s = full_run
+    for f in ("args.json", "metrics.jsonl", "summary.json", "checkpoint.pt"):
+        assert (run / f).exists(), f
+    recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs] == [8, 16, 24] and [r["epoch"] for r in recs] == [1, 2, 3]
+    assert {"acc", "err", "adv_acc", "adv_err", "loss", "ce", "ce_adv", "l_ct", "lr"} <= set(recs[0])
+    assert recs[2]["loss"] < recs[0]["loss"] and recs[2]["ce"] < recs[0]["ce"]  # it learns
+    assert all(0 <= r["acc"] <= 100 and r["err"] == pytest.approx(100 - r["acc"]) for r in recs)
+    summary = json.loads((run / "summary.json").read_text())
+    for key in ("script", "method", "dataset", "setting", "seed", "primary_metric", "final", "best", "wall_s",
+                "samples_per_s"):
+        assert key in summary, key
+    assert summary["primary_metric"] == "err" and summary["method"] == "scal" and summary["dataset"] == "trec"
+    best = max(recs, key=lambda r: r["acc"])
+    assert summary["best"]["acc"] == best["acc"] and summary["best"]["step"] == best["step"]
+    assert summary["final"]["err"] == recs[-1]["err"] and summary["final"]["step"] == 24
+    assert s["steps"] == 24 and summary["samples_per_s"] > 0
+
+
+def test_resume_continues_to_the_same_result(tmp_path, full_run):
+    full_dir, full = full_run
+    scal.main(_args(tmp_path, *RUN, "--exp-name", "cut", "--max-steps", "8"))  # stops after epoch 1
+    args_file = tmp_path / "cut" / "args.json"
+    saved = json.loads(args_file.read_text())
+    saved["max_steps"] = 1000  # as if it had been killed there
+    args_file.write_text(json.dumps(saved))
+    resumed = scal.main(parse_args(scal.Args, ["--resume", str(tmp_path / "cut")]))
+    assert resumed["final"] == full["final"] and resumed["best"] == full["best"]
+    # the training losses too (the accuracy of a tiny model barely moves): same dropout, same batches
+    assert _records(tmp_path / "cut") == _records(full_dir)
+    assert [r["step"] for r in _records(tmp_path / "cut")] == [8, 16, 24]
+
+
+def _records(run):
+    return [{k: v for k, v in json.loads(x).items() if k != "elapsed_s"}
+            for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("extra,terms", [
+    (["--method", "ft"], {"ce"}), (["--method", "adv"], {"ce", "ce_adv"}), (["--method", "cl"], {"ce", "l_ct"}),
+    (["--method", "cl", "--cl-positive", "adv"], {"ce", "l_ct"}),
+    (["--attack", "fgsm", "--epsilon", "0.01", "--ct-denominator", "anchor", "--eval-every", "2"],
+     {"ce", "ce_adv", "l_ct"})])
+def test_every_method_and_reading_flag_runs(tmp_path, shared_data, extra, terms):
+    s = scal.main(_args(tmp_path, *extra, "--max-steps", "3", "--exp-name", "m"))
+    rec = json.loads((tmp_path / "m" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert terms | {"loss"} <= set(rec) and s["steps"] == 3
+    assert not (set(rec) & ({"ce", "ce_adv", "l_ct"} - terms))
+
+
+def test_bad_values_are_usage_errors():
+    for argv, flag in [(["--epsilon", "-1"], "--epsilon"), (["--tau", "0"], "--tau"), (["--alpha", "-0.1"], "--alpha"),
+                       (["--limit-train", "0"], "--limit-train"), (["--warmup-ratio", "1"], "--warmup-ratio"),
+                       (["--train-tasks", "trec"], "--train-tasks"), (["--batch-size", "1"], "--batch-size")]:
+        with pytest.raises(UsageError, match=flag):
+            scal.validate(parse_args(scal.Args, argv))
+
+
+def test_bad_argument_exits_2_with_one_line_and_writes_nothing(tmp_path):
+    r = subprocess.run([sys.executable, "scal.py", "--epsilon", "-1", "--out-dir", str(tmp_path / "runs")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "--epsilon" in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "runs").exists()
