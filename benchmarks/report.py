@@ -146,7 +146,8 @@ def build_report(suite_name: str, runs_dir: Path, out: Path, plots: bool = True)
             paper = reported.get(run.row) if run.row else None
             expected = len(run.only_seeds) if run.only_seeds is not None else len(suite.default_seeds)
             pv = f"{float(paper['value']):.2f}" if paper else "-"
-            diff = f"{st['best'][0] - float(paper['value']):+.2f}" if paper and st["n"] else "-"
+            comparable = suite_name == "paper"  # other suites: other data and scale, no difference shown
+            diff = f"{st['best'][0] - float(paper['value']):+.2f}" if paper and st["n"] and comparable else "-"
             src = f"{paper['source']} ({paper['dataset']}, {paper['backbone']})" if paper else "-"
             lines.append(f"| {run.id} | {run.metric} | {st['n']} | {fmt(st['best'])} | {fmt(st['last'])} | {pv} | {src} | "
                          f"{diff} | {status_of(suite_name, run, st, paper, expected)} |")
