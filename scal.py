@@ -11,7 +11,7 @@ step (method and baselines), evaluation (clean and under attack), the training l
     python scal.py --task trec                              # Table 5 (TREC error rate)
     python scal.py --preset anli-roberta-large              # Table 7 (trained on MNLI + SNLI, tested on ANLI)
     python scal.py --preset roberta-base --task sst2        # RoBERTa-base, batch 16
-    python scal.py --preset cpu --task trec --seed 0        # CPU-scale protocol (MiniLM-L6, offline data; CoLA, SST-2, TREC)
+    python scal.py --preset cpu --task trec --seed 0        # CPU-scale protocol (MiniLM-L6; CoLA, SST-2, TREC)
     python scal.py --preset cpu-pairs --task rte --seed 0   # the same for the pair tasks (RTE, MRPC)
     python scal.py --preset smoke --task rte                # a tiny random model for a few steps
 
@@ -139,8 +139,8 @@ class Args:
     tau: float = arg(0.05, "temperature of the InfoNCE (Eq. 7)")
     ct_denominator: str = arg("adv", "Eq. 7 denominator: adv (sum over z_k^adv, our reading) or anchor (literal z_k)",
                               choices=["adv", "anchor"])
-    cl_positive: str = arg("dropout", "positive of --method cl: dropout (second pass, SimCSE) or adv (adversarial view)",
-                           choices=["dropout", "adv"])
+    cl_positive: str = arg("dropout", "positive of --method cl: dropout (second pass, SimCSE) or adv "
+                           "(adversarial view)", choices=["dropout", "adv"])
     # -- optimisation
     epochs: int = arg(15, "maximum training epochs (with early stopping)")
     batch_size: int = arg(32, "batch size (paper: 32 with BERT, 16 with RoBERTa)")
@@ -186,7 +186,8 @@ def validate(args: Args) -> None:
             raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
     for name in ("limit_train", "limit_eval", "max_steps"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1 (leave it out for no limit)")
+            raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1 "
+                             "(leave it out for no limit)")
     for name in ("patience", "eval_every", "max_grad_norm", "weight_decay"):
         if getattr(args, name) < 0:
             raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 0")
@@ -347,7 +348,8 @@ def load_task(args: Args, data_dir: Path):
     n_all = len(train)
     if args.limit_train:
         if args.limit_train > n_all:
-            raise UsageError(f"--limit-train {args.limit_train}: {args.task} {args.train_split} has only {n_all} examples")
+            raise UsageError(f"--limit-train {args.limit_train}: {args.task} {args.train_split} has only "
+                             f"{n_all} examples")
         keep = np.sort(np.random.default_rng(args.subset_seed).permutation(n_all)[: args.limit_train])
         train = [train[i] for i in keep]
     eval_spec, test_splits = evaluation_splits(args, data_dir)

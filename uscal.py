@@ -154,7 +154,8 @@ def validate(args: Args) -> None:
         raise UsageError(f"--batch-size {args.batch_size}: the contrastive loss needs >= 2 (in-batch negatives)")
     for name in ("limit_train", "limit_eval", "max_steps"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1 (leave it out for no limit)")
+            raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1 "
+                             "(leave it out for no limit)")
     for name in ("max_grad_norm", "weight_decay", "alpha", "epsilon"):
         if getattr(args, name) < 0:
             raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 0")
@@ -289,7 +290,8 @@ def uscal_step(model: SimCSEModel, batch: dict, args: Args):
     z2 = model(model.embed(batch["input_ids"]), batch)
     l_ct = infonce_eq4(z1, z2, args.tau)
     (grad,) = torch.autograd.grad(l_ct, x1, retain_graph=True)  # pass 1 only; no parameter gradient
-    delta = fgm_perturbation_eq9(grad, args.epsilon) if args.attack == "fgm" else fgsm_perturbation_eq2(grad, args.epsilon)
+    perturb = fgm_perturbation_eq9 if args.attack == "fgm" else fgsm_perturbation_eq2
+    delta = perturb(grad, args.epsilon)
     z_adv = model(x1 + delta, batch)
     l_adv = infonce_eq4(z1, z_adv, args.tau)
     return uscal_total_eq10(l_ct, l_adv, args.alpha), {"l_ct": l_ct, "l_adv": l_adv}

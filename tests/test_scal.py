@@ -71,7 +71,10 @@ def tiny_setup():
 def test_the_perturbation_raises_the_loss_and_beats_a_random_one(tiny_setup, attack, eps):
     model, batch, _ = tiny_setup
     x = model.embed(batch["input_ids"]).detach().requires_grad_(True)
-    per_example = lambda emb: scal.task_loss_eq5(model(emb, batch, with_z=False)[0], batch["labels"], "none")  # noqa: E731
+
+    def per_example(emb):
+        return scal.task_loss_eq5(model(emb, batch, with_z=False)[0], batch["labels"], "none")
+
     clean = per_example(x)
     delta = scal.adversarial_perturbation(clean.sum(), x, attack, eps)
     with torch.no_grad():
@@ -138,6 +141,28 @@ def test_scal_step_is_the_direct_composition(tiny_setup):
     cl_loss, cl_terms = scal.cl_step(model, batch, args)
     assert set(cl_terms) == {"ce", "l_ct"}
     loss.backward()  # one backward through both branches works (the graph was kept)
+
+
+def test_roberta_path_without_token_types(tiny_setup):
+    """RoBERTa (the presets' other encoder): no token_type_ids, positions numbered from the
+    padding id; the inputs_embeds path gives the same [CLS] as input_ids on a padded batch."""
+    from common.text_models import tiny_encoder
+
+    _, batch, args = tiny_setup
+    texts = ["what is the capital of france ?", "who wrote hamlet ?", "how far is the moon ?"]
+    encoder, tok = tiny_encoder(texts, kind="roberta", hidden=32, layers=1, heads=2)
+    model = scal.SCALModel(encoder, 6).eval()
+    enc = scal.encode_examples(tok, [text_data.Example(t, None, i) for i, t in enumerate(texts)], 32)
+    batch = {k: v for k, v in scal.collate(enc, tok.pad_token_id, torch.device("cpu"), False).items()
+             if k != "token_type_ids"}
+    assert batch["attention_mask"].min() == 0  # padded
+    with torch.no_grad():
+        h_ids = encoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state[:, 0]
+        h_emb = encoder(inputs_embeds=model.embed(batch["input_ids"]),
+                        attention_mask=batch["attention_mask"]).last_hidden_state[:, 0]
+    assert torch.allclose(h_ids, h_emb, atol=1e-5)
+    loss, terms = scal.scal_step(model.train(), batch, args)
+    assert torch.isfinite(loss) and set(terms) == {"ce", "ce_adv", "l_ct"}
 
 
 # ------------------------------------------------------------------------------------------
@@ -276,6 +301,21 @@ def test_every_method_and_reading_flag_runs(tmp_path, shared_data, extra, terms)
     rec = json.loads((tmp_path / "m" / "metrics.jsonl").read_text().splitlines()[-1])
     assert terms | {"loss"} <= set(rec) and s["steps"] == 3
     assert not (set(rec) & ({"ce", "ce_adv", "l_ct"} - terms))
+
+
+@pytest.mark.parametrize("extra,keys", [
+    (["--task", "stsb"], {"pearson", "spearman", "adv_pearson", "adv_spearman"}),
+    (["--task", "cola"], {"acc", "mcc", "adv_acc", "adv_mcc"}),
+    (["--task", "mrpc", "--robust-attack", "fgsm", "--robust-epsilon", "0.01"], {"acc", "f1", "adv_acc", "adv_f1"}),
+    (["--task", "ag_news", "--train-split", "dev"], {"acc", "adv_acc"})])
+def test_other_tasks_and_their_metrics(tmp_path, shared_data, extra, keys):
+    """STS-B is a regression (MSE, Pearson/Spearman); CoLA MCC; MRPC F1 (offline: MSR test);
+    AG News trains on its local dev export."""
+    scal.main(_args(tmp_path, *extra, "--max-steps", "2", "--exp-name", "t"))
+    rec = json.loads((tmp_path / "t" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert keys <= set(rec)
+    summary = json.loads((tmp_path / "t" / "summary.json").read_text())
+    assert summary["primary_metric"] in rec
 
 
 def test_bad_values_are_usage_errors():
