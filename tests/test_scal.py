@@ -77,6 +77,8 @@ def test_the_perturbation_raises_the_loss_and_beats_a_random_one(tiny_setup, att
 
     clean = per_example(x)
     delta = scal.adversarial_perturbation(clean.sum(), x, attack, eps)
+    pad = batch["attention_mask"] == 0
+    assert pad.any() and delta[pad].abs().max() == 0  # padding does not reach the loss: never perturbed
     with torch.no_grad():
         adv = per_example(x + delta)
         rand = per_example(x + delta[torch.randperm(len(delta))].flip(-1))  # same size, unrelated direction
