@@ -10,7 +10,7 @@ per-step computations, the three stages, evaluation and the confidence diagnosti
     python conlst.py --preset xlmr --langs fr de sw    # XLM-R-large (Table 2), three languages, mBART-50 BT
     python conlst.py --lang fr --wo-clcs               # one ablation row (Table 3): w/o L_CLCS
     python conlst.py --wo-conl --wo-st --langs all     # the zero-shot baseline (stage 0 only)
-    python conlst.py --preset cpu --lang fr            # CPU scale: e5-small, SNLI -> XNLI fr (~15 min on 2 cores)
+    python conlst.py --preset cpu --lang fr            # CPU scale: e5-small, SNLI -> XNLI fr (~15 min, 2 cores)
     python conlst.py --preset cpu --lang sw --stage0-from runs/<an earlier cpu run, same seed>
 
 The pipeline (one run: stage 0 once, then stages 1 and 2 for every target language, each
@@ -228,10 +228,11 @@ class Args:
 PRESETS = {
     "xlmr": {"_doc": "paper XLM-R-large (Table 2): stage-1 lr 5e-6; stage 0/2 lr 7e-6 (ours)",
              "model": "xlm-roberta-large", "s1_lr": 5e-6, "s0_lr": 7e-6, "s2_lr": 7e-6},
-    "cpu": {"_doc": "CPU scale (~15 min per language on 2 cores): e5-small, SNLI dev+test (3,000) -> XNLI test "
-                    "pool (1,000), eval on XNLI dev (1,000), selection on English XNLI dev (1,000), no back-translation",
+    "cpu": {"_doc": "CPU scale (~15 min per language and seed on 2 idle cores, stage 0 included): e5-small, SNLI "
+                    "dev+test (3,000 pairs) -> XNLI test pool (800, no labels), eval on XNLI dev (1,000), selection on "
+                    "English XNLI dev (1,000), no back-translation",
             "model": "e5-small", "langs": ["fr"], "source_task": "snli", "source_splits": ["dev", "test"],
-            "pool_split": "test", "eval_split": "dev", "limit_train": 3000, "limit_pool": 1000, "limit_eval": 1000,
+            "pool_split": "test", "eval_split": "dev", "limit_train": 3000, "limit_pool": 800, "limit_eval": 1000,
             "freeze_embeddings": True, "s0_epochs": 1, "s0_lr": 5e-5, "s1_lr": 5e-6, "s2_lr": 5e-5,
             "s1_source_batch_size": 8, "neg_sharing": "batch", "s2_iterations": 2, "s2_source_batch_size": 16,
             "bt": "off"},
@@ -724,7 +725,9 @@ def tokenize_pairs(tok, pairs: list[tuple[str, str]], prefix: str, max_length: i
     out = {k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc}
     if maskable:
         can = (enc["special_tokens_mask"] == 0) & (enc["attention_mask"] == 1)
-        n_prefix = len(tok(prefix, add_special_tokens=False)["input_ids"]) if prefix.strip() else 0
+        # the prefix's own tokens ("query: " alone also yields a trailing "▁" that, in context, is part of
+        # the first word: count it without the trailing space)
+        n_prefix = len(tok(prefix.rstrip(), add_special_tokens=False)["input_ids"]) if prefix.strip() else 0
         if n_prefix:
             can[:, 1:1 + n_prefix] = False  # the e5 "query:" prefix right after <s>
         out["maskable"] = can
@@ -1428,7 +1431,8 @@ def main(args: Args) -> dict:
         print(f"resuming {run_dir} at plan item {start} ({plan[start] if start < len(plan) else 'done'}), step {ctx.step}")
     print(f"run: {run_dir}  |  {method_name(args)}  {args.model} ({model.pooling} pooling"
           f"{', prefix ' + repr(prefix) if prefix else ''})  |  source {args.source_task} {len(data.source)}  |  "
-          f"langs {' '.join(langs)}  |  device {device}, precision {amp_dtype or 'fp32'}")
+          f"langs {' '.join(langs)}  |  back-translation {args.bt if bt_enabled(args) else 'off'}  |  device {device}, "
+          f"precision {amp_dtype or 'fp32'}")
 
     ctx.t_start = time.time()
     with ctx.stop:
@@ -1466,10 +1470,13 @@ def main(args: Args) -> dict:
 # =========================================================================================
 # Speed: the method's steps against their baselines on the same batches, in one process
 # =========================================================================================
-def time_steps(args: Args, repeats: int = 3, lang: str | None = None) -> dict:
-    """Seconds per step (median of `repeats`, after one warm-up) of ft_step vs conl_step
-    (stage 1) and fixmatch_step vs st_step (stage 2) on batches built from the same examples,
-    with the model of `args` (fresh heads). Writes nothing."""
+def speed_steps(args: Args, lang: str | None = None) -> dict[str, Callable[[], float]]:
+    """Zero-argument callables, each one full training step (forward, loss, backward, optimizer
+    step with lr 0) on a fixed batch: 'ft' (plain fine-tuning, ft_step) and 'conl' (stage 1,
+    conl_step) share their source pairs; 'fixmatch' (plain FixMatch, fixmatch_step) and 'st'
+    (stage 2, st_step) share their target and source pairs. The model is `args`'s encoder with
+    fresh heads; in the stage-1 batch every anchor has K valid negatives (the costliest case).
+    Writes nothing. For benchmarks/speed.py and time_steps."""
     validate(args)
     device = utils.resolve_device(args.device)
     amp_dtype, _ = utils.resolve_precision(args.precision, device)
@@ -1479,42 +1486,58 @@ def time_steps(args: Args, repeats: int = 3, lang: str | None = None) -> dict:
     model, tok, prefix = build_model(args, [s for e in data.source for s in (e.text_a, e.text_b)]
                                      + [s for p in data.targets[lang].pool for s in p])
     model.to(device).train()
-    ctx = Ctx(args, model, tok, prefix, device, amp_dtype, torch.amp.GradScaler(device.type, enabled=False), data,
-              Path("."), None, None, Path("."))  # type: ignore[arg-type]
+    ctx = Ctx(args, model, tok, prefix, device, amp_dtype, None, data, Path("."), None, None,  # type: ignore[arg-type]
+              Path("."))
     ctx.target = data.targets[lang]
-    pool, bs = ctx.target.pool, args.s1_batch_size
-    probs = predict(ctx, pool[: max(bs * 4, 64)])
-    hc_idx, hc_label = high_confidence_pool_eq5(probs, 0.0)  # everything counts as confident: K real negatives
-    anchors = list(range(bs))
-    comp = complementary_labels_eq4(probs[anchors], args.gamma, args.comp_label)
+    pool = ctx.target.pool
+    b1, b2 = args.s1_batch_size, args.s2_batch_size
+    hc_idx = torch.arange(len(pool))
+    hc_label = hc_idx % NUM_CLASSES  # every pool sample confident, classes round-robin: K real negatives each
+    probs = F.one_hot(torch.arange(b1) % NUM_CLASSES, NUM_CLASSES).float()
+    comp = complementary_labels_eq4(probs, args.gamma, args.comp_label)
     neg_idx, neg_valid = sample_negatives_eq5(comp, hc_idx, hc_label, args.k_neg, args.neg_sharing)
-    source = data.source[: args.s1_batch_size]
-    src_n = source[: args.s1_source_batch_size]
-    kinds = ["mask", "mixup"] * (args.s2_batch_size // 2) + ["mask"] * (args.s2_batch_size % 2)
-    tgt = [pool[i % len(pool)] for i in range(args.s2_batch_size)]
-    src2 = data.source[: args.s2_source_batch_size]
-    batches = {"ft": (ft_step, make_ft_batch(ctx, source)),
-               "conl": (conl_step, make_conl_batch(ctx, [pool[i] for i in anchors], comp, neg_idx, neg_valid, src_n)),
+    anchors = [pool[i % len(pool)] for i in range(b1)]
+    src1 = data.source[:b1]
+    tgt = [pool[i % len(pool)] for i in range(b2)]
+    src2 = data.source[:args.s2_source_batch_size]
+    kinds = [("mask", "mixup")[i % 2] for i in range(b2)]
+    batches = {"ft": (ft_step, make_ft_batch(ctx, src1)),
+               "conl": (conl_step, make_conl_batch(ctx, anchors, comp, neg_idx, neg_valid,
+                                                   [] if args.wo_clcs else src1[:args.s1_source_batch_size])),
                "fixmatch": (fixmatch_step, make_fixmatch_batch(ctx, tgt, src2)),
-               "st": (st_step, make_st_batch(ctx, tgt, kinds, [0] * len(tgt), src2))}
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-12)
-    out = {}
-    for name, (fn, batch) in batches.items():
-        times = []
-        for r in range(repeats + 1):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
+               "st": (st_step, make_st_batch(ctx, tgt, kinds, [i % NUM_CLASSES for i in range(b2)], src2))}
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.0)
+
+    def one_step(fn: Callable, batch: dict) -> Callable[[], float]:
+        def run() -> float:
             with utils.autocast(device, amp_dtype):
                 loss, _ = fn(model, batch, args)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            if device.type == "cuda":
+            return loss.item()
+        return run
+
+    return {name: one_step(fn, batch) for name, (fn, batch) in batches.items()}
+
+
+def time_steps(args: Args, repeats: int = 3, lang: str | None = None) -> dict:
+    """Seconds per step (median over `repeats` interleaved rounds, after one warm-up round) of
+    ft vs conl (stage 1) and fixmatch vs st (stage 2), and the two ratios."""
+    steps = speed_steps(args, lang)
+    cuda = utils.resolve_device(args.device).type == "cuda"
+    times: dict[str, list[float]] = {k: [] for k in steps}
+    for r in range(repeats + 1):
+        for name, run in steps.items():
+            if cuda:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            run()
+            if cuda:
                 torch.cuda.synchronize()
             if r:
-                times.append(time.perf_counter() - t0)
-        out[f"{name}_s"] = float(np.median(times))
+                times[name].append(time.perf_counter() - t0)
+    out = {f"{k}_s": float(np.median(v)) for k, v in times.items()}
     out["conl_over_ft"] = out["conl_s"] / out["ft_s"]
     out["st_over_fixmatch"] = out["st_s"] / out["fixmatch_s"]
     return out

@@ -225,8 +225,8 @@ def test_random_masking_keeps_special_tokens_and_prefix(tiny):
     ids, can = enc["input_ids"], enc["maskable"]
     special = torch.isin(ids, torch.tensor([tok.cls_token_id, tok.sep_token_id, tok.pad_token_id]))
     assert not (can & special).any()
-    n_prefix = len(tok("query: ", add_special_tokens=False)["input_ids"])
-    assert n_prefix == 2 and not can[:, 1:3].any()  # "query" ":" after [CLS]
+    assert tok.convert_ids_to_tokens(ids[0, 1:4].tolist()) == ["query", ":", "the"]
+    assert not can[:, 1:3].any() and can[0, 3]  # "query" ":" after [CLS] kept; the first word maskable
     assert torch.equal(conlst.random_token_masking(ids, can, 0.0, tok.mask_token_id), ids)
     all_masked = conlst.random_token_masking(ids, can, 1.0, tok.mask_token_id)
     assert (all_masked[can] == tok.mask_token_id).all() and torch.equal(all_masked[~can], ids[~can])
