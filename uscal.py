@@ -92,7 +92,7 @@ class Args:
     device: str = arg("auto", "auto, cpu, cuda or cuda:N")
     precision: str = arg("auto", "auto (bf16 on CUDA if supported, fp16 on older GPUs, fp32 on CPU), fp32, bf16, fp16",
                          choices=["auto", "fp32", "bf16", "fp16"])
-    deterministic: bool = arg(False, "ask PyTorch for deterministic kernels (CUDA: slower)")
+    deterministic: bool = arg(False, "deterministic kernels (CUDA: slower) and one CPU thread: bit-identical reruns")
     data_dir: str = arg("", "folder in the layout of shared/data (default: $LIS_SHARED_DATA or ../shared/data)")
     source: str = arg("auto", "where data comes from: local files, the HF hub, or auto (local when present)",
                       choices=list(text_data.SOURCES))
@@ -398,7 +398,8 @@ def main(args: Args) -> dict:
     if args.resume:  # continue a run: its own arguments, its directory, its last checkpoint
         saved = utils.load_resume_args(args.resume)
         resume = utils.load_checkpoint(args.resume)
-        args = Args(**{**saved, "resume": args.resume})
+        # the run's own arguments; only the step limit may change (as in lacol.py)
+        args = Args(**{**saved, "resume": args.resume, "max_steps": args.max_steps})
     device = utils.resolve_device(args.device)
     amp_dtype, use_scaler = utils.resolve_precision(args.precision, device)
     utils.seed_everything(args.seed, args.deterministic)
