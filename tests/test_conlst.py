@@ -475,7 +475,12 @@ def test_ablations_stage0_reuse_and_backtranslation_file(full_run, tmp_path):
     bt = tmp_path / "bt.tsv"
     conlst.write_translations(bt, {s: s[::-1] for pair in pool[:30] for s in pair})
     s = conlst.main(_args(tmp_path, "--exp-name", "abl", "--stage0-from", str(run), "--wo-cl", "--bt", "file",
-                          "--bt-file", str(bt), "--wo-mixup", "--s2-iterations", "1"))
+                          "--bt-file", str(bt), "--wo-mixup", "--s2-iterations", "1", "--freeze-embeddings",
+                          "--keep-models"))
+    # frozen word embeddings are left out of the saved models (they equal the pretrained ones)
+    saved = torch.load(tmp_path / "abl" / "stage1_fr.pt", weights_only=False)["model"]
+    assert "encoder.embeddings.word_embeddings.weight" not in saved and "classifier.weight" in saved
+    assert (tmp_path / "abl" / "stage2_fr.pt").exists()
     assert s["method"] == "conlst_wo_cl_wo_mixup" and not (tmp_path / "abl" / "stage0.pt").exists()
     recs = [json.loads(x) for x in (tmp_path / "abl" / "metrics.jsonl").read_text().splitlines()]
     assert [r["stage"] for r in recs] == [0, 1, 2] and "l_nl" in recs[1] and "l_cl" not in recs[1]
