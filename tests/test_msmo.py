@@ -61,7 +61,8 @@ def test_t_tags_convert_to_bieos_and_bio_by_hand():
 
 
 def test_decoders_are_strict():
-    assert msmo.decode_bio(["I-POS", "B-POS", "I-NEG", "O", "B-NEU", "B-NEU", "I-NEU"]) == [(4, 4, "NEU"), (5, 6, "NEU")]
+    tags = ["I-POS", "B-POS", "I-NEG", "O", "B-NEU", "B-NEU", "I-NEU"]
+    assert msmo.decode_bio(tags) == [(4, 4, "NEU"), (5, 6, "NEU")]
     assert msmo.tags_to_spans(["B-POS", "O", "E-POS", "S-NEG", "B-NEU", "I-POS", "E-NEU"], "bieos") == [(3, 3, "NEG")]
     # adjacent aspects stay apart in both schemes
     for scheme in ("bieos", "bio"):
@@ -235,7 +236,11 @@ def test_critic_weights_stay_clipped_and_the_encoder_runs_once(shared_data):
     calls = []
     model.encoder.register_forward_hook(lambda *a: calls.append(1))
     loss, terms = msmo.msmo_step(model, critic, critic_opt, batch, args, "joint", n_critic=5)
-    assert len(calls) == 1  # critic steps reuse the detached features
+    assert len(calls) == 2  # the CE batch and the pair batch once each; critic steps reuse the features
+    n_rows = batch["input_ids"].shape[0] + batch["pairs"]["input_ids"].shape[0]
+    calls.clear()
+    msmo.msmo_step(model, critic, critic_opt, batch, args, "adv", n_critic=5)
+    assert len(calls) == 1 and n_rows == 8 + 2 * 3
     assert all(p.abs().max() <= args.critic_clip + 1e-9 for p in critic.parameters())
     assert any(p.abs().max() > args.critic_clip * 0.99 for p in critic.parameters())  # the clip was hit
     assert not any(p.requires_grad for p in critic.parameters())  # frozen for the encoder's term
@@ -243,9 +248,9 @@ def test_critic_weights_stay_clipped_and_the_encoder_runs_once(shared_data):
     expected = terms["l_ce"] + args.lambda_adv * terms["w_gap"] + msmo.resolve_beta(args) * terms["l_cons"]
     assert torch.allclose(loss.detach(), expected)
     # the repository's way: fresh batches per critic step, one encoder pass each side
-    calls.clear()
     fresh = [(msmo.make_batch(enc["critic_pools"][0][:4], tok.pad_token_id, torch.device("cpu")),
               msmo.make_batch(enc["critic_pools"][1][:4], tok.pad_token_id, torch.device("cpu")))] * 3
+    calls.clear()
     msmo.msmo_step(model, critic, critic_opt, batch, args, "adv", n_critic=3, fresh=fresh)
     assert len(calls) == 1 + 2 * 3
 
