@@ -88,6 +88,9 @@ def test_encode_decode_round_trip_on_real_sentences(shared_data, scheme):
     tokenizer that splits words into several pieces, and sentences with multi-word aspects."""
     _, tok = _cached_build("tiny", str(shared_data), "rest")
     sents = load_xabsa("gold-en-test", shared_data)[:200] + load_xabsa("gold-ru-test", shared_data)[:200]
+    tr = load_xabsa("gold-tr-train", shared_data)
+    sents += [tr[331], tr[514]]  # the only XABSA sentences with adjacent aspects (of different polarity)
+    assert tr[331].spans[:2] == [(2, 2, "POS"), (3, 3, "NEG")] and tr[514].spans[1:3] == [(4, 4, "NEG"), (5, 8, "POS")]
     enc = msmo.encode_sentences(tok, sents, scheme, max_len=512)
     tags = msmo.tag_list(scheme)
     n_split = n_multi = 0
