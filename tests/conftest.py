@@ -12,7 +12,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import torch  # noqa: E402
+
 from common.utils import shared_data_dir  # noqa: E402
+
+# One intra-op thread: the tests' tiny models gain nothing from two, and on a busy shared
+# machine two threads made them several times slower (spin-waiting threads).
+torch.set_num_threads(1)
 
 SHARED = shared_data_dir()
 
