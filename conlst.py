@@ -102,6 +102,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
+from transformers import get_linear_schedule_with_warmup
 
 from common import utils
 from common.text_data import XNLI_LANGS, Example, hub_unavailable_reason, load_text_task
@@ -239,7 +240,7 @@ PRESETS = {
     "smoke": {"_doc": "seconds: tiny random model, a few hundred pairs, every stage (for tests)",
               "model": "tiny", "pooling": "mean", "langs": ["fr"], "source_task": "snli", "source_splits": ["dev"],
               "pool_split": "test", "eval_split": "dev", "limit_train": 64, "limit_pool": 96, "limit_eval": 96,
-              "max_length": 64, "s0_epochs": 4, "s0_lr": 3e-3, "s0_batch_size": 16, "s1_lr": 1e-4,
+              "max_length": 64, "s0_epochs": 4, "s0_warmup": 0.0, "s0_lr": 3e-3, "s0_batch_size": 16, "s1_lr": 1e-4,
               "s1_batch_size": 16, "s1_source_batch_size": 8, "k_neg": 4, "s2_iterations": 2, "s2_lr": 1e-3,
               "s2_batch_size": 16, "s2_source_batch_size": 16, "bt": "off", "eval_batch_size": 64},
 }
@@ -1127,8 +1128,7 @@ def run_stage0(ctx: Ctx, plan_pos: int, item: dict, ckpt: dict | None) -> None:
     total = per_epoch * args.s0_epochs
     warm = int(args.s0_warmup * total)
     opt = make_optimizer(ctx, "adamw", args.s0_lr, args.s0_weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / max(warm, 1) if s < warm else max(0.0, (total - s) / max(total - warm, 1)))
+    sched = get_linear_schedule_with_warmup(opt, warm, total)  # linear warm-up from 0, then linear decay to 0
     if ckpt is not None and ckpt.get("optimizer"):
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])

@@ -146,6 +146,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
+from transformers import get_linear_schedule_with_warmup
 
 from common import utils
 from common.text_data import POLARITIES, XABSA_LANGS, XABSA_TARGETS, AbsaSentence, decode_aspect_spans, load_xabsa
@@ -944,9 +945,6 @@ def test_scores(model: Tagger, ctx: dict) -> dict:
     return res
 
 
-def linear_decay(opt: torch.optim.Optimizer, total: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear decay from the initial learning rate to 0 over `total` steps, no warm-up [repo]."""
-    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1.0 - s / total))
 
 
 def run_stage(ctx: dict, stage: str, model: Tagger, total: int, state: dict | None, step_offset: int,
@@ -963,7 +961,7 @@ def run_stage(ctx: dict, stage: str, model: Tagger, total: int, state: dict | No
     head_lr = args.head_lr or lr if stage == "train" else lr
     opt = torch.optim.Adam([{"params": body, "lr": lr}, {"params": head, "lr": head_lr}],
                            eps=1e-8)  # Adam, no weight decay [repo]; --head-lr [ours, CPU preset]
-    sched = linear_decay(opt, total)
+    sched = get_linear_schedule_with_warmup(opt, 0, total)  # linear decay to 0, no warm-up [repo]
     scaler = torch.amp.GradScaler(device.type, enabled=ctx["use_scaler"])
     critic = critic_opt = None
     if stage == "train" and args.method == "msmo" and args.adv:

@@ -85,6 +85,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
+from transformers import get_linear_schedule_with_warmup
 
 from common import text_data
 from common import utils
@@ -579,14 +580,9 @@ def make_optimizer(model: nn.Module, args: Args, total_steps: int):
             (no_decay if p.ndim < 2 or "LayerNorm" in name or "layer_norm" in name else decay).append(p)
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=args.lr)
-    warmup = int(args.warmup_ratio * total_steps)
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
-
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    # transformers' schedule (as in the HF Trainer): lr rises linearly from 0 over the warm-up steps,
+    # then falls linearly to 0 at `total_steps`.
+    return opt, get_linear_schedule_with_warmup(opt, int(args.warmup_ratio * total_steps), total_steps)
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
