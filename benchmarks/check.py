@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.report import collect, git_commit
+from benchmarks.report import collect, git_commit, lookup, views_of
 from benchmarks.suites import SUITES
 
 HERE = Path(__file__).resolve().parent
@@ -34,7 +34,8 @@ def fresh_values(suite: str, runs_dir: Path) -> dict[str, dict]:
     data = collect(runs_dir)
     out = {}
     for run in SUITES[suite].runs:
-        vals = [s["summary"]["final"][run.metric] for s in data.get(run.id, [])]
+        path = views_of(run)[0].last
+        vals = [v for s in data.get(run.id, []) if (v := lookup(s["summary"], path)) is not None]
         if vals:
             out[run.id] = {"metric": run.metric, "higher_is_better": run.higher_is_better, "values": vals,
                            "mean": statistics.fmean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0}

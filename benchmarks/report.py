@@ -21,7 +21,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from benchmarks.suites import SUITES, Run
+from benchmarks.suites import SUITES, Average, Run, View
 
 HERE = Path(__file__).resolve().parent
 
@@ -48,10 +48,58 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def row_stats(run: Run, seeds: list[dict]) -> dict:
-    best = [s["summary"]["best"][run.metric] for s in seeds if s["summary"].get("best", {}).get(run.metric) is not None]
-    last = [s["summary"]["final"][run.metric] for s in seeds if s["summary"].get("final", {}).get(run.metric) is not None]
-    return {"best": mean_std(best), "last": mean_std(last), "n": len(seeds), "best_values": best, "last_values": last}
+def lookup(summary: dict, path: str):
+    """summary["a"]["b"]["c"] for path "a.b.c"; None when any part is missing."""
+    node = summary
+    for part in path.split("."):
+        if not isinstance(node, dict) or node.get(part) is None:
+            return None
+        node = node[part]
+    return node
+
+
+def views_of(run: Run) -> tuple[View, ...]:
+    """The report rows of a run: its views, or one row of best.<metric> / final.<metric>."""
+    return run.views or (View(run.metric, f"best.{run.metric}", f"final.{run.metric}", run.row, run.higher_is_better),)
+
+
+def values(seeds: list[dict], path: str) -> dict[int, float]:
+    """seed -> the number at `path` of that seed's summary (seeds without it left out)."""
+    return {s["seed"]: v for s in seeds if (v := lookup(s["summary"], path)) is not None}
+
+
+def stats(best: dict[int, float], last: dict[int, float], n: int) -> dict:
+    return {"best": mean_std(list(best.values())), "last": mean_std(list(last.values())), "n": n,
+            "best_values": list(best.values()), "last_values": list(last.values())}
+
+
+def row_stats(run: Run, seeds: list[dict], view: View | None = None) -> dict:
+    v = view or views_of(run)[0]
+    best, last = values(seeds, v.best), values(seeds, v.last)
+    return stats(best, last, len(set(best) | set(last)))
+
+
+def average_stats(avg: Average, by_id: dict[str, Run], data: dict) -> dict:
+    """Per seed, the mean of the runs' primary numbers (seeds that every run has), then over seeds."""
+    per_run = []
+    for rid in avg.runs:
+        v = views_of(by_id[rid])[0]
+        per_run.append((values(data.get(rid, []), v.best), values(data.get(rid, []), v.last)))
+    seeds = set.intersection(*(set(b) & set(l) for b, l in per_run)) if per_run else set()
+    best = {s: sum(b[s] for b, _ in per_run) / len(per_run) for s in sorted(seeds)}
+    last = {s: sum(l[s] for _, l in per_run) / len(per_run) for s in sorted(seeds)}
+    return stats(best, last, len(seeds))
+
+
+def claim_values(name: str, path: str | None, which: str, by_id: dict, averages: dict, data: dict) -> dict:
+    key = "last" if which == "final" else "best"
+    if name in averages:
+        return average_stats(averages[name], by_id, data)[key]
+    run = by_id[name]
+    if path is None:
+        v = views_of(run)[0]
+        path = v.last if which == "final" else v.best
+    return mean_std(list(values(data.get(name, []), path).values()))
 
 
 def fmt(ms: tuple[float, float]) -> str:
@@ -59,7 +107,7 @@ def fmt(ms: tuple[float, float]) -> str:
     return "-" if m != m else f"{m:.2f} ± {s:.2f}"
 
 
-def status_of(suite: str, run: Run, stats: dict, paper: dict | None, expected_seeds: int) -> str:
+def status_of(suite: str, run: Run | View, stats: dict, paper: dict | None, expected_seeds: int) -> str:
     if stats["n"] == 0:
         return "not run"
     if stats["n"] < expected_seeds:
@@ -86,7 +134,10 @@ def plot_curves(group: str, runs: list[Run], data: dict, out: Path) -> str | Non
     drawn = 0
     for run in runs:
         seeds = data.get(run.id, [])
-        curves = [[(r.get("epoch") or r["step"], r[run.metric]) for r in s["metrics"] if run.metric in r] for s in seeds]
+        key = run.metric if run.curve == "" else run.curve
+        if key is None:
+            continue
+        curves = [[(r.get("epoch") or r["step"], r[key]) for r in s["metrics"] if key in r] for s in seeds]
         curves = [c for c in curves if c]
         if not curves:
             continue
@@ -102,7 +153,7 @@ def plot_curves(group: str, runs: list[Run], data: dict, out: Path) -> str | Non
         plt.close(fig)
         return None
     ax.set_xlabel("epoch")
-    ax.set_ylabel(runs[0].metric)
+    ax.set_ylabel(", ".join(sorted({r.metric if r.curve == "" else r.curve for r in runs if r.curve is not None})))
     ax.set_title(group + " (mean over seeds, band = min..max)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
@@ -138,19 +189,24 @@ def build_report(suite_name: str, runs_dir: Path, out: Path, plots: bool = True)
     groups: dict[str, list[Run]] = defaultdict(list)
     for r in suite.runs:
         groups[r.group].append(r)
+    by_id = {r.id: r for r in suite.runs}
+    averages = {a.id: a for a in suite.averages}
     for group, runs in groups.items():
         lines += [f"## {group}", "", "| run | metric | seeds | best | last | paper | paper source | diff (best - paper) | status |",
                   "|---|---|---|---|---|---|---|---|---|"]
-        for run in runs:
-            st = row_stats(run, data.get(run.id, []))
-            paper = reported.get(run.row) if run.row else None
-            expected = len(run.only_seeds) if run.only_seeds is not None else len(suite.default_seeds)
+        rows = [(run.id, v, row_stats(run, data.get(run.id, []), v),
+                 len(run.only_seeds) if run.only_seeds is not None else len(suite.default_seeds))
+                for run in runs for v in views_of(run)]
+        rows += [(a.id, View("mean over runs", "", "", a.row, a.higher_is_better), average_stats(a, by_id, data),
+                  len(suite.default_seeds)) for a in suite.averages if a.group == group]
+        for rid, v, st, expected in rows:
+            paper = reported.get(v.row) if v.row else None
             pv = f"{float(paper['value']):.2f}" if paper else "-"
             comparable = suite_name == "paper"  # other suites: other data and scale, no difference shown
             diff = f"{st['best'][0] - float(paper['value']):+.2f}" if paper and st["n"] and comparable else "-"
             src = f"{paper['source']} ({paper['dataset']}, {paper['backbone']})" if paper else "-"
-            lines.append(f"| {run.id} | {run.metric} | {st['n']} | {fmt(st['best'])} | {fmt(st['last'])} | {pv} | {src} | "
-                         f"{diff} | {status_of(suite_name, run, st, paper, expected)} |")
+            lines.append(f"| {rid} | {v.name} | {st['n']} | {fmt(st['best'])} | {fmt(st['last'])} | {pv} | {src} | "
+                         f"{diff} | {status_of(suite_name, v, st, paper, expected)} |")
         if plots:
             png = plot_curves(group, runs, data, out)
             if png:
@@ -158,16 +214,13 @@ def build_report(suite_name: str, runs_dir: Path, out: Path, plots: bool = True)
         lines.append("")
     if suite.claims:
         lines += ["## Claims checked", "", "| claim | left (mean ± std) | right (mean ± std) | holds? |", "|---|---|---|---|"]
-        by_id = {r.id: r for r in suite.runs}
         for c in suite.claims:
-            ls = row_stats(by_id[c.left], data.get(c.left, []))
-            rs = row_stats(by_id[c.right], data.get(c.right, []))
+            lv = claim_values(c.left, c.left_path, c.which, by_id, averages, data)
+            rv = claim_values(c.right, c.right_path, c.which, by_id, averages, data)
             key = "last" if c.which == "final" else "best"
-            if ls["n"] and rs["n"]:
-                holds = "yes" if ls[key][0] > rs[key][0] else "no"
-            else:
-                holds = "not run yet"
-            lines.append(f"| {c.text} ({key}) | {fmt(ls[key])} | {fmt(rs[key])} | {holds} |")
+            holds = "not run yet" if lv[0] != lv[0] or rv[0] != rv[0] else ("yes" if lv[0] > rv[0] else "no")
+            label = key if c.left_path is None and c.right_path is None else f"{c.left_path or key} vs {c.right_path or key}"
+            lines.append(f"| {c.text} ({label}) | {fmt(lv)} | {fmt(rv)} | {holds} |")
         lines.append("")
     text = "\n".join(lines)
     (out / "report.md").write_text(text)

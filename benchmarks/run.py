@@ -39,8 +39,10 @@ def expand(suite: str, seeds: list[int] | None, only: list[str] | None) -> list[
     """seeds x suite, filtered by --only (substrings of the run id)."""
     s = SUITES[suite]
     out = []
-    for seed in (seeds or s.default_seeds):  # seed-major: every row has a first seed early on
-        for run in s.runs:
+    # seed-major within a phase: every row has a first seed early on; a later phase (runs that
+    # read other runs' outputs, e.g. MSMO-Distill's teachers) starts after all seeds of the earlier
+    for phase, seed in sorted((p, sd) for p in {r.phase for r in s.runs} for sd in (seeds or s.default_seeds)):
+        for run in (r for r in s.runs if r.phase == phase):
             if only and not any(o in run.id for o in only):
                 continue
             if run.only_seeds is not None and seed not in run.only_seeds:
@@ -55,7 +57,8 @@ def command(run: Run, seed: int, out: Path, python: str = sys.executable) -> lis
     script = run.script.split()
     if (d / "checkpoint.pt").exists() and not (d / "summary.json").exists():
         return [python, *script, "--resume", str(d)]
-    return [python, *script, *run.args, "--seed", str(seed), "--out-dir", str(out), "--exp-name", d.name]
+    args = [a.replace("{seed}", str(seed)).replace("{out}", str(out)) for a in run.args]
+    return [python, *script, *args, "--seed", str(seed), "--out-dir", str(out), "--exp-name", d.name]
 
 
 def status(run: Run, seed: int, out: Path) -> str:

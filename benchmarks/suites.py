@@ -6,12 +6,27 @@ reproduces (an `id` of benchmarks/reported.csv) where there is one.
 - `smoke`: every script and its major flags for a few steps (minutes), for CI's regression check.
 - `speed`: method step time against its baseline's step time, measured in one process.
 
-The runner adds `--seed S --out-dir <dir> --exp-name <run id>__seedS` to each command.
+The runner adds `--seed S --out-dir <dir> --exp-name <run id>__seedS` to each command, and
+fills `{seed}` and `{out}` (the suite's run folder) in a run's arguments, so a run can name
+another run's output (conlst.py's --stage0-from, msmo.py's --teachers).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class View:
+    """One report row read from a run's summary.json: dotted paths for the best-epoch and the
+    last-epoch value (e.g. "per_lang.fr.stage0.acc"). A run with several views (conlst.py's
+    per-language and per-stage numbers) fills several rows."""
+
+    name: str
+    best: str
+    last: str
+    row: str | None = None  # id in benchmarks/reported.csv
+    higher_is_better: bool = True
 
 
 @dataclass(frozen=True)
@@ -24,16 +39,35 @@ class Run:
     metric: str = "acc"  # the summary.json metric compared with the paper / the baseline
     higher_is_better: bool = True
     only_seeds: tuple[int, ...] | None = None  # run with these seeds only (of those asked for)
+    views: tuple[View, ...] = ()  # extra report rows (default: one row, best.<metric> / final.<metric>)
+    curve: str | None = ""  # metrics.jsonl key of the learning-curve plot ("": metric; None: no plot)
+    phase: int = 0  # runs of a later phase start after every seed of the earlier ones (they use their outputs)
+
+
+@dataclass(frozen=True)
+class Average:
+    """A report row averaging several runs per seed (e.g. one run per language), then mean +- std
+    over the seeds that every run has."""
+
+    id: str
+    runs: tuple[str, ...]
+    group: str
+    row: str | None = None
+    higher_is_better: bool = True
 
 
 @dataclass(frozen=True)
 class Claim:
-    """A comparison the report checks over the seeds: mean(left) > mean(right)."""
+    """A comparison the report checks over the seeds: mean(left) > mean(right). `left` and
+    `right` name a run or an Average; `left_path`/`right_path` (dotted, in summary.json) pick
+    another number of that run than `<which>.<metric>`."""
 
     text: str
-    left: str  # run id
-    right: str  # run id
+    left: str
+    right: str
     which: str = "final"  # "final" (last epoch) or "best"
+    left_path: str | None = None
+    right_path: str | None = None
 
 
 @dataclass
@@ -43,6 +77,7 @@ class Suite:
     default_seeds: tuple[int, ...]
     claims: list[Claim] = field(default_factory=list)
     description: str = ""
+    averages: list[Average] = field(default_factory=list)
 
 
 # ----------------------------------------------------------------------------- lacol: paper
@@ -116,11 +151,228 @@ def _lacol_smoke() -> list[Run]:
     return runs
 
 
+# ----------------------------------------------------------------------------- scal / uscal
+SCAL_TASKS = {  # task -> (metric of summary.json, higher is better, preset)
+    "rte": ("acc", True, "cpu-pairs"), "mrpc": ("f1", True, "cpu-pairs"), "cola": ("mcc", True, "cpu"),
+    "sst2": ("acc", True, "cpu"), "trec": ("err", False, "cpu"),
+}
+SCAL_METHODS = ("ft", "adv", "cl", "scal")
+SCAL_PAPER_ROWS = {("sst2", "adv"), ("sst2", "cl")}  # rows the paper does not report
+
+
+def _scal_row(task: str, method: str) -> str | None:
+    return None if (task, method) in SCAL_PAPER_ROWS else f"scal/{task}/{method}"
+
+
+def _scal_paper() -> list[Run]:
+    runs = []
+    for task in ("cola", "sst2", "mrpc", "qqp", "mnli", "qnli", "rte"):
+        metric = {"cola": "mcc", "mrpc": "f1"}.get(task, "acc")
+        for method in ("ft", "scal") if task not in ("cola", "mrpc", "rte") else SCAL_METHODS:
+            rows = {"mnli": ("scal/mnli_m/", "scal/mnli_mm/")}.get(task)
+            views = (View("matched", "best.acc", "final.acc", f"scal/mnli_m/{method}"),
+                     View("mismatched", "best.acc_mm", "final.acc_mm", f"scal/mnli_mm/{method}")) if rows else ()
+            runs.append(Run(f"scal_{task}_{method}", "scal.py", ("--task", task, "--method", method),
+                            "SCAL Tables 3-4 (GLUE dev, BERT-base)", None if rows else f"scal/{task}/{method}",
+                            metric, views=views))
+    for task, metric, hib in (("ag_news", "acc", True), ("trec", "err", False)):
+        for method in SCAL_METHODS:
+            runs.append(Run(f"scal_{task}_{method}", "scal.py", ("--task", task, "--method", method),
+                            "SCAL Table 5 (AG News, TREC test)", f"scal/{task}/{method}", metric, hib))
+    for preset, name in (("anli-bert-large", "bert-large"), ("anli-roberta-large", "roberta-large")):
+        runs.append(Run(f"scal_anli_{name}", "scal.py", ("--preset", preset),
+                        "SCAL Table 7 (ANLI, trained on MNLI+SNLI)", None,
+                        views=(View("dev", "best.acc", "final.acc", f"scal/anli_mnli_snli/{name}"),
+                               View("test", "test.acc", "test.acc", f"scal/anli_mnli_snli/{name}/test"))))
+    return runs
+
+
+def _scal_cpu() -> list[Run]:
+    runs = []
+    for task, (metric, hib, preset) in SCAL_TASKS.items():
+        for method in SCAL_METHODS:
+            runs.append(Run(f"scal_cpu_{task}_{method}", "scal.py", ("--preset", preset, "--task", task, "--method", method),
+                            "SCAL on GLUE/TREC (MiniLM-L6, CPU scale)", _scal_row(task, method), metric, hib,
+                            views=(View(metric, f"best.{metric}", f"final.{metric}", _scal_row(task, method), hib),
+                                   View(f"attacked {metric}", f"best.adv_{metric}", f"final.adv_{metric}",
+                                        None, hib))))
+    return runs
+
+
+USCAL_SETS = ("sts12", "sts13", "sts14", "sts15", "sts16", "stsb", "sickr")
+
+
+def _uscal_views(row_prefix: str | None) -> tuple[View, ...]:
+    return tuple(View(name, f"best.{name}", f"final.{name}", row_prefix and f"{row_prefix}/{name}")
+                 for name in (*USCAL_SETS, "spearman_avg"))
+
+
+def _uscal_paper() -> list[Run]:
+    return [Run(f"uscal_{m}", "uscal.py", ("--preset", "roberta-base") if m == "roberta-base" else (),
+                "USCAL Table 6 (STS, Spearman x100, 'all')", f"uscal/{m}/avg", "spearman_avg",
+                views=tuple(View(v.name, v.best, v.last, v.row.replace("/spearman_avg", "/avg"))
+                            for v in _uscal_views(f"uscal/{m}")))
+            for m in ("bert-base", "roberta-base")] + [
+        Run(f"uscal_simcse_{m}", "uscal.py", (*(("--preset", "roberta-base") if m == "roberta-base" else ()), "--alpha", "0"),
+            "USCAL Table 6 (STS, Spearman x100, 'all')", f"uscal/simcse-{m}/avg", "spearman_avg")
+        for m in ("bert-base", "roberta-base")]
+
+
+def _uscal_cpu() -> list[Run]:
+    g = "USCAL on STS (MiniLM-L6 [CLS], CPU scale)"
+    return [Run("uscal_cpu_untrained", "uscal.py", ("--preset", "cpu", "--eval-only"), g, None, "spearman_avg",
+                only_seeds=(0,), views=_uscal_views(None), curve=None),
+            Run("uscal_cpu_simcse", "uscal.py", ("--preset", "cpu", "--alpha", "0", "--test-final"), g,
+                "uscal/simcse-bert-base/avg", "spearman_avg", views=_uscal_views(None), curve="stsb_dev"),
+            Run("uscal_cpu_uscal", "uscal.py", ("--preset", "cpu", "--test-final"), g, "uscal/bert-base/avg",
+                "spearman_avg", views=_uscal_views(None), curve="stsb_dev")]
+
+
+USCAL_CPU_CLAIMS = [
+    Claim("USCAL's STS average is above SimCSE's (best STS-B dev checkpoint, tested)", "uscal_cpu_uscal", "uscal_cpu_simcse", "best"),
+    Claim("SimCSE training moves the STS average above the untrained start", "uscal_cpu_simcse", "uscal_cpu_untrained", "best"),
+]
+SCAL_CPU_CLAIMS = [Claim(f"{t}: SCAL above plain fine-tuning", f"scal_cpu_{t}_scal", f"scal_cpu_{t}_ft", "best")
+                   for t in SCAL_TASKS if t != "trec"] + [
+    Claim("trec: SCAL's error below plain fine-tuning's", "scal_cpu_trec_ft", "scal_cpu_trec_scal", "best")]
+
+
+# ----------------------------------------------------------------------------- conlst
+CONLST_CPU_LANGS = ("fr", "de", "sw", "ur")  # two high-resource, two low-resource target languages
+
+
+def _conlst_views(langs, stages: bool, row_avg: str | None) -> tuple[View, ...]:
+    views = []
+    for lang in (*langs, "avg"):
+        base = "avg" if lang == "avg" else f"per_lang.{lang}"
+        if stages:
+            for st, name in (("stage0", "zero-shot (stage 0)"), ("stage1", "+ stage 1 (CoNL)")):
+                p = f"{base}.{st}" if lang == "avg" else f"{base}.{st}.acc"
+                views.append(View(f"{lang}: {name}", p, p))
+        b, l = (f"{base}.best", f"{base}.final") if lang == "avg" else (f"{base}.best.acc", f"{base}.final.acc")
+        views.append(View(f"{lang}: {'final' if stages else 'this run'}", b, l, row_avg if lang == "avg" else None))
+    return tuple(views)
+
+
+def _conlst_cpu() -> list[Run]:
+    g = "CoNLST on XNLI (e5-small, SNLI source, CPU scale)"
+    langs = ("--langs", *CONLST_CPU_LANGS)
+    full = Run("conlst_cpu_full", "conlst.py", ("--preset", "cpu", *langs), g, None, "acc",
+               views=_conlst_views(CONLST_CPU_LANGS, True, "conlst/mbert/avg/conlst"), curve=None)
+    s2 = Run("conlst_cpu_wo_conl", "conlst.py", ("--preset", "cpu", *langs, "--wo-conl",
+                                                 "--stage0-from", "{out}/conlst_cpu_full__seed{seed}/stage0.pt"),
+             g + ": stage 2 only", None, "acc", views=_conlst_views(CONLST_CPU_LANGS, False, None), curve=None)
+    return [full, s2]
+
+
+CONLST_CPU_CLAIMS = [
+    Claim("full CoNLST (last) above the zero-shot stage-0 model, average over languages", "conlst_cpu_full",
+          "conlst_cpu_full", left_path="avg.final", right_path="avg.stage0"),
+    Claim("stage 2 only (self-training, no CoNL) above the zero-shot model, average", "conlst_cpu_wo_conl",
+          "conlst_cpu_full", left_path="avg.final", right_path="avg.stage0"),
+    Claim("stage 1 (CoNL) above the zero-shot model, average", "conlst_cpu_full", "conlst_cpu_full",
+          left_path="avg.stage1", right_path="avg.stage0"),
+    Claim("full CoNLST above stage 2 only (CoNL helps self-training), average", "conlst_cpu_full",
+          "conlst_cpu_wo_conl", left_path="avg.final", right_path="avg.final"),
+] + [Claim(f"{lang}: CoNL raises pseudo-label accuracy in the high-confidence bin (max q > 0.9)", "conlst_cpu_full",
+           "conlst_cpu_full", left_path=f"per_lang.{lang}.bins.after_stage1.high.acc",
+           right_path=f"per_lang.{lang}.bins.after_stage0.high.acc") for lang in CONLST_CPU_LANGS]
+
+
+def _conlst_paper() -> list[Run]:
+    runs = []
+    for preset, name, table in (((), "mbert", "Table 1"), (("--preset", "xlmr"), "xlmr", "Table 2")):
+        runs.append(Run(f"conlst_{name}_full", "conlst.py", (*preset, "--langs", "all"), f"CoNLST {table} (XNLI test)",
+                        None, views=(View("zero-shot avg", "avg.stage0", "avg.stage0", f"conlst/{name}/avg/zero_shot"),
+                                     View("CoNLST avg", "avg.best", "avg.final", f"conlst/{name}/avg/conlst"))
+                        + ((View("CoNLST avg (Table 3's full row)", "avg.best", "avg.final",
+                                 "conlst/mbert/avg/full_ablation"),) if name == "mbert" else ())))
+    for flag, row in (("--wo-st", "wo_self_training"), ("--wo-cl", "wo_contrastive"), ("--wo-clcs", "wo_clcs"),
+                      ("--wo-mixup", "wo_mixup"), ("--wo-bt", "wo_backtranslation")):
+        runs.append(Run(f"conlst_mbert_{row}", "conlst.py", ("--langs", "all", flag,
+                                                             "--stage0-from", "{out}/conlst_mbert_full__seed{seed}/stage0.pt"),
+                        "CoNLST Table 3 (ablation, XNLI test average)", f"conlst/mbert/avg/{row}",
+                        views=(View("avg", "avg.best", "avg.final", f"conlst/mbert/avg/{row}"),), phase=1))
+    for lang in ("en", "fr", "zh", "ur"):
+        views = []
+        for b in ("high", "mid", "low"):
+            views.append(View(f"{lang} {b} before", f"per_lang.{lang}.bins.after_stage0.{b}.acc",
+                              f"per_lang.{lang}.bins.after_stage0.{b}.acc", f"conlst/pl_acc/{lang}/{b}/before"))
+            views.append(View(f"{lang} {b} after", f"per_lang.{lang}.bins.after_stage1.{b}.acc",
+                              f"per_lang.{lang}.bins.after_stage1.{b}.acc", f"conlst/pl_acc/{lang}/{b}/after"))
+        runs.append(Run(f"conlst_mbert_bins_{lang}", "conlst.py", ("--lang", lang, "--wo-st",
+                                                                   "--stage0-from", "{out}/conlst_mbert_full__seed{seed}/stage0.pt"),
+                        "CoNLST Table 4 (pseudo-label accuracy per confidence bin)", None, views=tuple(views), phase=1))
+    return runs
+
+
+# ----------------------------------------------------------------------------- msmo
+MSMO_LANGS = ("fr", "es", "nl", "ru")
+
+
+def _msmo_runs(preset: tuple[str, ...], tag: str, group: str, row: str) -> list[Run]:
+    langs = ("--eval-langs", *MSMO_LANGS)
+    runs = [Run(f"msmo_{tag}_zero_shot", "msmo.py", (*preset, "--method", "zero_shot", *langs), group,
+                f"msmo/{row}/avg/zero_shot", "f1_avg",
+                views=tuple(View(l, f"best.f1_{l}", f"final.f1_{l}") for l in MSMO_LANGS)
+                + (View("avg", "best.f1_avg", "final.f1_avg", f"msmo/{row}/avg/zero_shot"),))]
+    for method in ("acs", "msmo", "supervised", "distill"):
+        for lang in MSMO_LANGS:
+            extra: tuple[str, ...] = ()
+            if method == "distill":
+                extra = ("--teachers", *(f"{{out}}/msmo_{tag}_msmo_{lang}__seed{s}" for s in (0, 1, 2)),
+                         "--student-init", f"{{out}}/msmo_{tag}_msmo_{lang}__seed{{seed}}")
+            runs.append(Run(f"msmo_{tag}_{method}_{lang}", "msmo.py", (*preset, "--method", method, "--lang", lang, *extra),
+                            group, None, f"f1_{lang}", phase=1 if method == "distill" else 0))
+    return runs
+
+
+def _msmo_cpu() -> list[Run]:
+    return [r for r in _msmo_runs(("--preset", "cpu"), "cpu", "MSMO on XABSA (e5-small, 240 steps, CPU scale)", "mbert")
+            if "supervised" not in r.id]
+
+
+def _msmo_averages(tag: str, group: str, row: str | None) -> list[Average]:
+    return [Average(f"msmo_{tag}_{m}_avg", tuple(f"msmo_{tag}_{m}_{l}" for l in MSMO_LANGS), group,
+                    row and f"msmo/{row}/avg/{'msmo_distill' if m == 'distill' else m}")
+            for m in ("acs", "msmo", "distill") + (("supervised",) if tag != "cpu" else ())]
+
+
+MSMO_CPU_CLAIMS = [
+    Claim("average: ACS above zero-shot", "msmo_cpu_acs_avg", "msmo_cpu_zero_shot", "best"),
+    Claim("average: MSMO above ACS", "msmo_cpu_msmo_avg", "msmo_cpu_acs_avg", "best"),
+    Claim("average: MSMO-Distill above MSMO", "msmo_cpu_distill_avg", "msmo_cpu_msmo_avg", "best"),
+] + [Claim(f"{lang}: ACS above zero-shot", f"msmo_cpu_acs_{lang}", "msmo_cpu_zero_shot", "best",
+           right_path=f"best.f1_{lang}") for lang in MSMO_LANGS] + [
+    Claim(f"{lang}: {a} above {b}", f"msmo_cpu_{a}_{lang}", f"msmo_cpu_{b}_{lang}", "best")
+    for lang in MSMO_LANGS for a, b in (("msmo", "acs"), ("distill", "msmo"))]
+
+
+# Reported numbers with no run in the `paper` suite, and why (benchmarks/README and the test
+# tests/test_benchmarks.py keep this list and reported.csv in step).
+PAPER_LEFT_OUT = {
+    "scal/glue_avg/ft": "derived: the mean of the eight GLUE rows, which are each reproduced",
+    "scal/glue_avg/scal": "derived: the mean of the eight GLUE rows, which are each reproduced",
+    "scal/anli_all/bert-large": "Table 8 trains on FeverNLI too, which has no loader (scal.py docstring)",
+    "scal/anli_all/bert-large/test": "as above (FeverNLI)",
+    "scal/anli_all/roberta-large": "as above (FeverNLI)",
+    "scal/anli_all/roberta-large/test": "as above (FeverNLI)",
+}
+
+
 SUITES: dict[str, Suite] = {
-    "paper": Suite("paper", _lacol_paper(), (0, 1, 2, 3, 4),
+    "paper": Suite("paper", _lacol_paper() + _scal_paper() + _uscal_paper() + _conlst_paper()
+                   + _msmo_runs((), "mbert", "MSMO (XABSA test F1, mBERT; paper numbers unverified)", "mbert")
+                   + _msmo_runs(("--preset", "xlmr-base"), "xlmr",
+                                "MSMO (XABSA test F1, XLM-R; paper numbers unverified)", "xlmr"),
+                   (0, 1, 2, 3, 4),
+                   averages=_msmo_averages("mbert", "MSMO (XABSA test F1, mBERT; paper numbers unverified)", "mbert")
+                   + _msmo_averages("xlmr", "MSMO (XABSA test F1, XLM-R; paper numbers unverified)", "xlmr"),
                    description="the papers' tables at the papers' settings (GPU, downloaded data)"),
-    "cpu": Suite("cpu", _lacol_cpu(), (0, 1, 2), LACOL_CPU_CLAIMS,
-                 description="CPU-scale reproductions on offline real data"),
+    "cpu": Suite("cpu", _lacol_cpu() + _scal_cpu() + _uscal_cpu() + _conlst_cpu() + _msmo_cpu(), (0, 1, 2),
+                 LACOL_CPU_CLAIMS + SCAL_CPU_CLAIMS + USCAL_CPU_CLAIMS + CONLST_CPU_CLAIMS + MSMO_CPU_CLAIMS,
+                 description="CPU-scale reproductions on offline real data",
+                 averages=_msmo_averages("cpu", "MSMO on XABSA (e5-small, 240 steps, CPU scale)", "mbert")),
     "smoke": Suite("smoke", _lacol_smoke(), (0, 1), description="every script and major flag for a few steps"),
     "speed": Suite("speed", [Run("speed_lacol", "-m benchmarks.speed", ("--method", "lacol"), "speed", metric="ratio",
                                  higher_is_better=False)], (0,),

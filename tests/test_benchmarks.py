@@ -54,12 +54,26 @@ def test_paper_suite_covers_every_lacol_table_row():
     assert lacol_rows <= rows  # every reproducible LaCoL number has a run
 
 
+def test_paper_suite_covers_every_reported_row_or_says_why_not():
+    p = suites.SUITES["paper"]
+    refs = {r.row for r in p.runs} | {v.row for r in p.runs for v in r.views} | {a.row for a in p.averages}
+    with open(HERE / "reported.csv") as fh:
+        ids = {r["id"] for r in csv.DictReader(fh)}
+    assert ids - refs == set(suites.PAPER_LEFT_OUT)
+    assert all(suites.PAPER_LEFT_OUT.values())
+
+
 def test_reported_rows_referenced_by_suites_exist():
     with open(HERE / "reported.csv") as fh:
         ids = {r["id"] for r in csv.DictReader(fh)}
     for s in suites.SUITES.values():
         for r in s.runs:
             assert r.row is None or r.row in ids, r.row
+            assert all(v.row is None or v.row in ids for v in r.views), r.id
+        assert all(a.row is None or a.row in ids for a in s.averages)
+        assert all(set(a.runs) <= {r.id for r in s.runs} for a in s.averages)
+        names = {r.id for r in s.runs} | {a.id for a in s.averages}
+        assert all(c.left in names and c.right in names for c in s.claims)
 
 
 def test_skip_if_done_resume_if_checkpoint_and_record_failures(toy_suite, tmp_path, monkeypatch):
@@ -134,3 +148,44 @@ def test_dry_run_lists_the_paper_suite(capsys):
     out = capsys.readouterr().out
     assert "lacol.py --preset cifar100 --noise asym40 --wo-sc --seed 4" in out
     assert "180 runs" in out
+
+
+def test_placeholders_phases_views_averages_and_claims_on_paths(monkeypatch, tmp_path):
+    V = suites.View
+    s = Suite("toy2", [Run("t_x", "conlst.py", ("--from", "{out}/base__seed{seed}/stage0.pt"), "G", phase=1),
+                       Run("m_fr", "msmo.py", (), "G", metric="f1_fr"), Run("m_es", "msmo.py", (), "G", metric="f1_es"),
+                       Run("multi", "conlst.py", (), "G", views=(V("fr zero-shot", "per_lang.fr.stage0.acc",
+                                                                   "per_lang.fr.stage0.acc"),
+                                                                 V("avg", "avg.best", "avg.final")))],
+              (0, 1), [suites.Claim("final above zero-shot", "multi", "multi", left_path="avg.final",
+                                    right_path="per_lang.fr.stage0.acc"),
+                       suites.Claim("avg of m above 50", "m_avg", "multi", "best", right_path="avg.best")],
+              averages=[suites.Average("m_avg", ("m_fr", "m_es"), "G")])
+    for mod in (suites, run, report, check):
+        monkeypatch.setitem(mod.SUITES, "toy2", s)
+    # a later phase runs after every seed of the earlier phase; placeholders are filled
+    assert [(r.id, sd) for r, sd in run.expand("toy2", None, None)] == [
+        ("m_fr", 0), ("m_es", 0), ("multi", 0), ("m_fr", 1), ("m_es", 1), ("multi", 1), ("t_x", 0), ("t_x", 1)]
+    assert run.command(s.runs[0], 1, Path("o"), "python")[2:4] == ["--from", "o/base__seed1/stage0.pt"]
+    # views read dotted paths; the average is per seed over the runs, then over seeds
+    for seed in (0, 1):
+        for rid, metric, v in (("m_fr", "f1_fr", 40.0 + seed), ("m_es", "f1_es", 60.0 + 3 * seed)):
+            d = tmp_path / f"{rid}__seed{seed}"
+            d.mkdir()
+            (d / "summary.json").write_text(json.dumps({"best": {metric: v}, "final": {metric: v - 1}}))
+        d = tmp_path / f"multi__seed{seed}"
+        d.mkdir()
+        (d / "summary.json").write_text(json.dumps({"avg": {"best": 45.0 + seed, "final": 44.0},
+                                                    "per_lang": {"fr": {"stage0": {"acc": 41.0}}}}))
+    data = report.collect(tmp_path)
+    st = report.row_stats(s.runs[3], data["multi"], s.runs[3].views[0])
+    assert st["n"] == 2 and st["best"] == (41.0, 0.0)
+    av = report.average_stats(s.averages[0], {r.id: r for r in s.runs}, data)
+    assert av["best_values"] == [50.0, 52.0] and av["last"][0] == pytest.approx(50.0)
+    text = report.build_report("toy2", tmp_path, tmp_path / "out", plots=False)
+    assert "| multi | fr zero-shot | 2 | 41.00 ± 0.00 | 41.00 ± 0.00 |" in text
+    assert "| m_avg | mean over runs | 2 | 51.00 ± 1.41 | 50.00 ± 1.41 |" in text
+    assert "| final above zero-shot (avg.final vs per_lang.fr.stage0.acc) | 44.00 ± 0.00 | 41.00 ± 0.00 | yes |" in text
+    assert "| avg of m above 50 (best vs avg.best) | 51.00 ± 1.41 | 45.50 ± 0.71 | yes |" in text
+    # the regression check reads the first view's last value
+    assert check.fresh_values("toy2", tmp_path)["multi"]["values"] == [41.0, 41.0]
