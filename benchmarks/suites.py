@@ -348,6 +348,49 @@ MSMO_CPU_CLAIMS = [
     for lang in MSMO_LANGS for a, b in (("msmo", "acs"), ("distill", "msmo"))]
 
 
+# ----------------------------------------------------------------------------- smoke: text scripts
+# Tiny random encoders on the real offline files (each script's `smoke` preset): seconds per run.
+def _text_smoke() -> list[Run]:
+    runs = []
+    for task, metric in (("rte", "acc"), ("cola", "mcc")):
+        for method in SCAL_METHODS:
+            runs.append(Run(f"scal_smoke_{task}_{method}", "scal.py", ("--preset", "smoke", "--task", task, "--method", method),
+                            "scal smoke", metric=metric, only_seeds=(0,) if task == "cola" else None))
+    runs.append(Run("scal_smoke_fgsm_cl_adv", "scal.py", ("--preset", "smoke", "--attack", "fgsm", "--method", "cl",
+                                                           "--cl-positive", "adv"), "scal smoke", only_seeds=(0,)))
+    for name, extra in (("simcse", ("--alpha", "0")), ("uscal", ()), ("uscal_fgsm", ("--attack", "fgsm"))):
+        runs.append(Run(f"uscal_smoke_{name}", "uscal.py", ("--preset", "smoke", *extra), "uscal smoke",
+                        metric="spearman_avg", views=(View("spearman_avg", "best.spearman_avg", "best.spearman_avg"),),
+                        only_seeds=(0,) if name == "uscal_fgsm" else None))
+    conlst_smoke = ("--preset", "smoke", "--gamma", "0.34")
+    runs.append(Run("conlst_smoke_full", "conlst.py", conlst_smoke, "conlst smoke"))
+    for flag in ("--wo-st", "--wo-cl", "--wo-clcs", "--wo-mixup"):
+        runs.append(Run(f"conlst_smoke_{flag.strip('-').replace('-', '_')}", "conlst.py",
+                        (*conlst_smoke, flag, "--stage0-from", "{out}/conlst_smoke_full__seed{seed}/stage0.pt"),
+                        "conlst smoke", only_seeds=(0,), phase=1))
+    for name, extra in (("zero_shot", ("--method", "zero_shot")), ("acs", ("--method", "acs")), ("msmo", ()),
+                        ("msmo_grl_joint", ("--adversary", "grl", "--schedule", "joint")),
+                        ("msmo_bio", ("--tagging", "bio"))):
+        runs.append(Run(f"msmo_smoke_{name}", "msmo.py", ("--preset", "smoke", *extra), "msmo smoke", metric="f1_fr",
+                        only_seeds=None if name in ("acs", "msmo") else (0,)))
+    runs.append(Run("msmo_smoke_distill", "msmo.py", ("--preset", "smoke", "--method", "distill", "--teachers",
+                                                     "{out}/msmo_smoke_msmo__seed0", "{out}/msmo_smoke_msmo__seed1",
+                                                     "--student-init", "{out}/msmo_smoke_msmo__seed{seed}"),
+                    "msmo smoke", metric="f1_fr", phase=1))
+    return runs
+
+
+# ----------------------------------------------------------------------------- speed
+def _speed_views(method: str) -> tuple[View, ...]:
+    """The figures benchmarks/speed.py writes, one report row each (lower is better for times)."""
+    keys = {"lacol": ("ratio", "memory_ratio", "method_samples_per_s", "loader_samples_per_s"),
+            "scal": ("ratio", "method_samples_per_s", "baseline_samples_per_s"),
+            "uscal": ("ratio", "method_samples_per_s", "baseline_samples_per_s"),
+            "conlst": ("ratio", "stage1_over_ft", "method_samples_per_s", "stage1_samples_per_s"),
+            "msmo": ("ratio", "cons_over_acs", "encoder_forwards_adv_step", "method_samples_per_s")}[method]
+    return tuple(View(k, f"best.{k}", f"final.{k}", None, "samples" in k) for k in keys)
+
+
 # Reported numbers with no run in the `paper` suite, and why (benchmarks/README and the test
 # tests/test_benchmarks.py keep this list and reported.csv in step).
 PAPER_LEFT_OUT = {
@@ -373,8 +416,9 @@ SUITES: dict[str, Suite] = {
                  LACOL_CPU_CLAIMS + SCAL_CPU_CLAIMS + USCAL_CPU_CLAIMS + CONLST_CPU_CLAIMS + MSMO_CPU_CLAIMS,
                  description="CPU-scale reproductions on offline real data",
                  averages=_msmo_averages("cpu", "MSMO on XABSA (e5-small, 240 steps, CPU scale)", "mbert")),
-    "smoke": Suite("smoke", _lacol_smoke(), (0, 1), description="every script and major flag for a few steps"),
-    "speed": Suite("speed", [Run("speed_lacol", "-m benchmarks.speed", ("--method", "lacol"), "speed", metric="ratio",
-                                 higher_is_better=False)], (0,),
+    "smoke": Suite("smoke", _lacol_smoke() + _text_smoke(), (0, 1), description="every script and major flag for a few steps"),
+    "speed": Suite("speed", [Run(f"speed_{m}", "-m benchmarks.speed", ("--method", m), "speed", metric="ratio",
+                                 higher_is_better=False, curve=None, views=_speed_views(m))
+                             for m in ("lacol", "scal", "uscal", "conlst", "msmo")], (0,),
                    description="method step time / baseline step time in one process"),
 }
