@@ -53,14 +53,22 @@ class DivergedError(Exception):
     exit_code = EXIT_DIVERGED
 
 
+EXIT_INTERRUPTED = 130  # Ctrl-C (SIGINT) or SIGTERM
+
+
 @contextlib.contextmanager
 def cli_errors() -> Iterator[None]:
-    """Turn the project's own errors into one line on stderr and the matching exit code."""
+    """Turn the project's own errors into one line on stderr and the matching exit code; a
+    Ctrl-C outside the training loop (loading, or a second Ctrl-C) exits 130 without a traceback."""
     try:
         yield
     except (UsageError, MissingError, DivergedError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        print("error: interrupted (Ctrl-C); a run keeps its last checkpoint, continue it with --resume RUN_DIR",
+              file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
 
 
 # ------------------------------------------------------------------------------------------
@@ -129,12 +137,20 @@ def parse_args(cls: type, argv: list[str] | None = None, presets: dict | None = 
         parser.add_argument(name, **kw)
     values = vars(parser.parse_args(argv))
     preset = values.get("preset")
+    given = _flags_given(argv if argv is not None else sys.argv[1:])
     if presets and preset:
-        given = _flags_given(argv if argv is not None else sys.argv[1:])
         for k, v in presets[preset].items():
             if not k.startswith("_") and k not in given:
                 values[k] = v
-    return cls(**values)
+    args = cls(**values)
+    args.__dict__["_given_flags"] = frozenset(given)  # not a field: args.json and asdict() leave it out
+    return args
+
+
+def flags_given(args: Any) -> frozenset[str]:
+    """The fields whose flags were on the command line (recorded by parse_args; none otherwise).
+    On --resume a run keeps its own values except for those given explicitly."""
+    return args.__dict__.get("_given_flags", frozenset())
 
 
 def _flags_given(argv: list[str]) -> set[str]:
@@ -236,6 +252,11 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
     _atomic_replace(Path(path), lambda fh: torch.save(obj, fh), "wb")
 
 
+def atomic_savez(path: str | Path, **arrays: np.ndarray) -> None:
+    """np.savez_compressed, atomically."""
+    _atomic_replace(Path(path), lambda fh: np.savez_compressed(fh, **arrays), "wb")
+
+
 def _json_default(o: Any) -> Any:
     if isinstance(o, (np.integer,)):
         return int(o)
@@ -246,6 +267,20 @@ def _json_default(o: Any) -> Any:
     if isinstance(o, Path):
         return str(o)
     raise TypeError(f"not JSON serialisable: {type(o)}")
+
+
+def check_out_dir(out_dir: str | Path) -> None:
+    """Fail at once (UsageError) when `out_dir` cannot hold a run directory: its nearest
+    existing ancestor is not a directory or not writable. Creates nothing, so a script can call
+    it before loading data (make_run_dir checks again when it creates the directory)."""
+    out = Path(out_dir)
+    probe = out
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise UsageError(f"--out-dir {out_dir}: {probe} is not a directory")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UsageError(f"--out-dir {out_dir}: not writable ({probe})")
 
 
 def make_run_dir(out_dir: str | Path, run_name: str) -> Path:
@@ -292,20 +327,50 @@ class MetricsWriter:
 
             self.tb = SummaryWriter(str(Path(run_dir) / "tb"))
         self.start = time.time()
+        self.lines = len(self._complete_lines())  # records in the file (checkpoints store it)
 
-    def truncate_after(self, step: int) -> None:
-        """Keep only records with step <= `step` (used on resume)."""
+    def _complete_lines(self) -> list[str]:
+        """The file's records up to the first line a crash cut short (if any)."""
         if not self.path.exists():
-            return
+            return []
         keep = []
         for line in self.path.read_text().splitlines():
             try:
-                rec = json.loads(line)
+                json.loads(line)
             except json.JSONDecodeError:
                 break  # a line half-written by a crash: drop it and everything after
-            if rec.get("step", 0) <= step:
-                keep.append(line)
+            keep.append(line)
+        return keep
+
+    def truncate_after(self, step: int) -> None:
+        """Keep only records with step <= `step` (resume from a checkpoint without a line count)."""
+        if not self.path.exists():
+            return
+        keep = [x for x in self._complete_lines() if json.loads(x).get("step", 0) <= step]
         atomic_write_text(self.path, "".join(x + "\n" for x in keep))
+        self.lines = len(keep)
+
+    def truncate_to(self, lines: int) -> None:
+        """Keep the first `lines` records: those written before the checkpoint being resumed
+        (exact even where several records share a step)."""
+        keep = self._complete_lines()[:lines]
+        if self.path.exists():
+            atomic_write_text(self.path, "".join(x + "\n" for x in keep))
+        self.lines = len(keep)
+
+    def resume(self, checkpoint: dict | None, step: int) -> None:
+        """On --resume: cut the file back to the checkpoint's records (its line count when it has
+        one, `metrics_lines`, else the records up to its step; none without a checkpoint), and
+        remove the temporary files a kill during an atomic write left in the run directory."""
+        if checkpoint is None:
+            self.truncate_to(0)
+        elif checkpoint.get("metrics_lines") is not None:
+            self.truncate_to(checkpoint["metrics_lines"])
+        else:
+            self.truncate_after(step)
+        for tmp in self.path.parent.glob(".*.tmp"):
+            with contextlib.suppress(OSError):
+                tmp.unlink()
 
     def write(self, step: int, split: str, epoch: float | None = None, **metrics: float) -> dict:
         rec = {"step": int(step), "epoch": epoch, "split": split,
@@ -314,6 +379,7 @@ class MetricsWriter:
             fh.write(json.dumps(rec, default=_json_default) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
+        self.lines += 1
         if self.tb is not None:
             for k, v in metrics.items():
                 if isinstance(v, (int, float)):
@@ -376,9 +442,52 @@ def load_resume_args(resume_dir: str | Path) -> dict:
     if not path.exists():
         raise MissingError(f"--resume {resume_dir}: no args.json in it (not a run directory)")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError:
+        saved = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
         raise MissingError(f"--resume {resume_dir}: args.json is corrupt") from None
+    if not isinstance(saved, dict):
+        raise MissingError(f"--resume {resume_dir}: args.json is corrupt (not an object)")
+    return saved
+
+
+def resume_run(cls: type, resume_dir: str | Path, keep: dict) -> tuple[Any, dict | None]:
+    """For --resume: the run's own arguments (an instance of the script's `cls`; `keep` holds
+    the values this invocation may change, e.g. the step limit) and its last checkpoint, or
+    None when the run stopped before writing one (it then starts over in its directory).
+    A missing or corrupt directory, or one of another script, is a MissingError."""
+    saved = load_resume_args(resume_dir)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(saved) - names)
+    if unknown:
+        raise MissingError(f"--resume {resume_dir}: args.json is not from this script (unknown fields "
+                           f"{', '.join(unknown[:3])})")
+    try:
+        args = cls(**{**saved, **keep})
+    except TypeError as e:
+        raise MissingError(f"--resume {resume_dir}: args.json is corrupt ({e})") from None
+    ckpt = load_checkpoint(resume_dir) if (Path(resume_dir) / "checkpoint.pt").exists() else None
+    if ckpt is not None and not isinstance(ckpt, dict):
+        raise MissingError(f"--resume {resume_dir}: checkpoint.pt is corrupt (not a checkpoint)")
+    return args, ckpt
+
+
+def require_keys(ckpt: dict, keys: tuple[str, ...] | list[str], resume_dir: str | Path) -> None:
+    """MissingError unless the checkpoint has every key (it belongs to another script or version)."""
+    missing = [k for k in keys if k not in ckpt]
+    if missing:
+        raise MissingError(f"--resume {resume_dir}: checkpoint.pt does not fit this script (no '{missing[0]}')")
+
+
+@contextlib.contextmanager
+def restoring(resume_dir: str | Path) -> Iterator[None]:
+    """Around the code that loads a checkpoint into the model, optimizer, ...: a checkpoint
+    that does not fit them is a one-line MissingError, not a traceback."""
+    try:
+        yield
+    except (KeyError, RuntimeError, ValueError, TypeError, IndexError) as e:
+        text = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        raise MissingError(f"--resume {resume_dir}: checkpoint.pt does not fit this run "
+                           f"({type(e).__name__}: {text})") from None
 
 
 def shared_data_dir() -> Path:
@@ -424,13 +533,19 @@ def write_summary(run_dir: Path, summary: dict) -> dict:
     return full
 
 
-def check_finite(loss: torch.Tensor, step: int, terms: dict[str, torch.Tensor]) -> None:
-    """Raise DivergedError naming the step and the first non-finite loss term."""
+def check_finite(loss: torch.Tensor, step: int, terms: dict[str, torch.Tensor], skip: bool = False) -> bool:
+    """True when the loss is finite. Otherwise raise DivergedError naming the step and the
+    non-finite loss terms, or, with `skip` (--skip-nonfinite), print that the step is skipped
+    and return False: the caller then leaves out its backward pass and optimizer step."""
     if torch.isfinite(loss).item():
-        return
+        return True
     bad = [k for k, v in terms.items() if not torch.isfinite(v).all().item()] or ["total"]
-    raise DivergedError(f"non-finite loss at step {step} (term: {', '.join(bad)}); "
-                        "the last good checkpoint is kept")
+    if skip:
+        print(f"warning: non-finite loss at step {step} (term: {', '.join(bad)}); step skipped (--skip-nonfinite)",
+              file=sys.stderr, flush=True)
+        return False
+    raise DivergedError(f"non-finite loss at step {step} (term: {', '.join(bad)}); the last good checkpoint is "
+                        "kept (--skip-nonfinite skips such steps instead)")
 
 
 class StopFlag:

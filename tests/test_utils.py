@@ -179,3 +179,73 @@ def test_summary_has_versions_and_commit(tmp_path):
     s = utils.write_summary(tmp_path, {"method": "x"})
     assert s["versions"]["torch"] == torch.__version__.split("+")[0] or s["versions"]["torch"]
     assert json.loads((tmp_path / "summary.json").read_text())["method"] == "x"
+
+
+def test_check_out_dir_fails_early_and_creates_nothing(tmp_path):
+    utils.check_out_dir(tmp_path / "a" / "b")  # creatable: fine, and nothing is created
+    assert not (tmp_path / "a").exists()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UsageError, match="--out-dir .*file is not a directory"):
+        utils.check_out_dir(tmp_path / "file" / "runs")
+    if os.geteuid() != 0:  # root can write anywhere
+        ro = tmp_path / "ro"
+        ro.mkdir(mode=0o500)
+        with pytest.raises(UsageError, match="--out-dir .*not writable"):
+            utils.check_out_dir(ro / "runs")
+
+
+@dataclasses.dataclass
+class RunArgs:
+    seed: int = arg(0, "seed")
+    max_steps: int | None = arg(None, "limit")
+    resume: str = arg("", "run directory")
+
+
+def test_resume_run_keeps_the_runs_arguments_unless_given(tmp_path):
+    utils.atomic_write_json(tmp_path / "args.json", {"seed": 3, "max_steps": 8, "resume": ""})
+    cli = utils.parse_args(RunArgs, ["--resume", str(tmp_path)])
+    assert utils.flags_given(cli) == {"resume"}
+    args, ckpt = utils.resume_run(RunArgs, tmp_path, {"resume": str(tmp_path)})
+    assert (args.seed, args.max_steps, ckpt) == (3, 8, None)  # no checkpoint yet: the run starts over
+    args, _ = utils.resume_run(RunArgs, tmp_path, {"resume": str(tmp_path), "max_steps": 20})
+    assert args.max_steps == 20
+    utils.atomic_write_json(tmp_path / "args.json", {"seed": 3, "noise": "sym40"})  # another script's run
+    with pytest.raises(MissingError, match="not from this script"):
+        utils.resume_run(RunArgs, tmp_path, {})
+    utils.atomic_write_json(tmp_path / "args.json", {"seed": 3})
+    torch.save({"step": 1}, tmp_path / "checkpoint.pt")
+    _, ckpt = utils.resume_run(RunArgs, tmp_path, {})
+    with pytest.raises(MissingError, match="does not fit this script .*'model'"):
+        utils.require_keys(ckpt, ("step", "model"), tmp_path)
+    with pytest.raises(MissingError, match="does not fit this run .*RuntimeError"):
+        with utils.restoring(tmp_path):
+            torch.nn.Linear(2, 2).load_state_dict({"weight": torch.zeros(3, 3)})
+
+
+def test_metrics_writer_counts_records_and_resumes_to_a_count(tmp_path):
+    w = utils.MetricsWriter(tmp_path)
+    for s in (1, 2, 2, 3):  # two records at step 2 (e.g. an evaluation-only item between checkpoints)
+        w.write(s, "eval", acc=float(s))
+    assert w.lines == 4
+    (tmp_path / ".checkpoint.pt.x.tmp").write_bytes(b"half")  # left by a kill during an atomic write
+    w2 = utils.MetricsWriter(tmp_path)
+    assert w2.lines == 4
+    w2.resume({"step": 2, "metrics_lines": 2}, 2)  # the checkpoint was written after the second record
+    assert [r["step"] for r in utils.read_metrics(tmp_path)] == [1, 2] and w2.lines == 2
+    assert not list(tmp_path.glob(".*.tmp"))
+    w2.resume({"step": 1}, 1)  # an older checkpoint without a count: by step
+    assert [r["step"] for r in utils.read_metrics(tmp_path)] == [1]
+    w2.resume(None, 0)  # no checkpoint: the run starts over
+    assert utils.read_metrics(tmp_path) == []
+
+
+def test_check_finite_can_skip(capsys):
+    assert utils.check_finite(torch.tensor(float("inf")), 4, {"l_ce": torch.tensor(float("inf"))}, skip=True) is False
+    assert "step 4 (term: l_ce); step skipped" in capsys.readouterr().err
+
+
+def test_cli_errors_turn_ctrl_c_into_exit_130(capsys):
+    with pytest.raises(SystemExit) as e:
+        with utils.cli_errors():
+            raise KeyboardInterrupt
+    assert e.value.code == 130 and len(capsys.readouterr().err.strip().splitlines()) == 1
