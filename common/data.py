@@ -6,7 +6,8 @@
 script's DataLoader workers, on these uint8 tensors. Text loaders are in common/text_data.py.
 
 Offline, a loader that finds nothing raises MissingError with one line: the data set, where
-it looked, and how to get it (scripts exit with code 3).
+it looked, and how to get it (scripts exit with code 3). In offline mode (HF_HUB_OFFLINE=1,
+HF_DATASETS_OFFLINE=1 or TRANSFORMERS_OFFLINE=1) CIFAR is not downloaded.
 """
 
 from __future__ import annotations
@@ -111,16 +112,21 @@ def load_cifar(name: str, data_dir: str | None, download: bool = True) -> ImageD
     `data_dir` (default ./data). With `download`, torchvision fetches it when missing."""
     import torchvision
 
+    from common.text_data import hub_offline_requested
+
     root = Path(data_dir or "data")
     cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+    offline = hub_offline_requested()  # HF_HUB_OFFLINE=1 (and the like): no download attempt, nothing written
     try:
-        train = cls(str(root), train=True, download=download)
-        test = cls(str(root), train=False, download=download)
+        train = cls(str(root), train=True, download=download and not offline)
+        test = cls(str(root), train=False, download=download and not offline)
     except (RuntimeError, OSError) as e:  # not found without download, or no network
         folder = "cifar-10-batches-py" if name == "cifar10" else "cifar-100-python"
-        raise MissingError(f"{name}: not found in {root / folder} and the download failed "
-                           f"({type(e).__name__}); run once with network access (torchvision downloads it to "
-                           f"--data-dir) or copy the extracted {folder}/ folder into --data-dir") from None
+        why = "offline mode (HF_HUB_OFFLINE=1), so no download was tried" if offline else \
+            f"the download failed ({type(e).__name__})"
+        raise MissingError(f"{name}: not found in {root / folder} and {why}; run once with network access "
+                           f"(torchvision downloads it to --data-dir) or copy the extracted {folder}/ folder into "
+                           "--data-dir") from None
 
     def to_tensor(ds):  # [N, 32, 32, 3] uint8 -> [N, 3, 32, 32]
         return torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(ds.targets, dtype=torch.int64)

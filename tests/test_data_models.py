@@ -59,9 +59,18 @@ def test_cifar_offline_download_fails_fast(tmp_path, monkeypatch):
     def no_network(*a, **k):
         raise urllib.error.URLError("no network")
 
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):  # not in offline mode:
+        monkeypatch.delenv(var, raising=False)  # the download is tried, and fails
     monkeypatch.setattr(urllib.request, "urlopen", no_network)
-    with pytest.raises(MissingError, match="cifar100"):
+    with pytest.raises(MissingError, match="cifar100.*download failed"):
         data.load_cifar("cifar100", str(tmp_path), download=True)
+
+
+def test_cifar_in_offline_mode_tries_no_download_and_writes_nothing(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(MissingError, match="cifar10: .*offline mode"):
+        data.load_cifar("cifar10", str(tmp_path / "none"), download=True)
+    assert not (tmp_path / "none").exists()
 
 
 def test_cifar_reads_the_torchvision_layout(tmp_path, monkeypatch):
