@@ -79,8 +79,11 @@ class Args:
     data_dir: str = arg("data", "where data sets live / are downloaded to")
     out_dir: str = arg("runs", "parent of the run directory")
     track: bool = arg(False, "also write TensorBoard events to <run>/tb")
-    resume: str = arg("", "run directory to continue from its last checkpoint")
+    resume: str = arg("", "run directory to continue from its last checkpoint; its own"
+                      " arguments are used, except --max-steps and --num-workers when given")
     max_steps: int | None = arg(None, "stop after this many optimizer steps (for smoke tests; default: no limit)")
+    skip_nonfinite: bool = arg(False, "skip a step whose loss is NaN or infinite (no update; counted in metrics.jsonl "
+                               "and summary.json) instead of stopping the run with exit code 4")
     limit_train: int | None = arg(None, "use a fixed random subset of this many training samples (default: all)")
     limit_eval: int | None = arg(None, "evaluate on the first N test samples (default: all)")
     num_workers: int = arg(2, "DataLoader worker processes producing the augmented views")
@@ -160,6 +163,9 @@ def validate(args: Args) -> None:
         raise UsageError(f"--tau {args.tau}: must be > 0")
     if not 0 <= args.rho <= 1:
         raise UsageError(f"--rho {args.rho}: must be in [0, 1]")
+    if args.method == "lacol" and not args.wo_ms and args.k_neg > args.batch_size - 1:
+        raise UsageError(f"--k-neg {args.k_neg}: the negatives of an anchor come from its batch, so at most "
+                         f"--batch-size - 1 = {args.batch_size - 1} are possible")
     if args.method == "lacol" and args.warmup_epochs >= args.epochs:
         raise UsageError(f"--warmup-epochs {args.warmup_epochs}: must be < --epochs {args.epochs}")
     if args.backbone == "small_cnn" and args.dataset not in ("fashion_mnist",):
@@ -427,14 +433,22 @@ def make_loader(ds: Dataset, args: Args, shuffle: bool, epoch: int, device) -> D
                       persistent_workers=False)
 
 
+CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "scaler", "rng", "epoch", "step", "history", "wall_s")
+
+
 def main(args: Args) -> dict:
     validate(args)
     resume = None
-    if args.resume:  # continue a run: its own arguments, its directory, its last checkpoint
-        saved = utils.load_resume_args(args.resume)
-        resume = utils.load_checkpoint(args.resume)
-        # the run's own arguments; only the step limit and the worker count may change
-        args = Args(**{**saved, "resume": args.resume, "max_steps": args.max_steps, "num_workers": args.num_workers})
+    if args.resume:  # continue a run: its own arguments, its directory, its last checkpoint (None: start over)
+        # the run's own arguments; only the step limit and the worker count may change, when given with --resume
+        # (the worker count changes the augmentations: the run then differs from an uninterrupted one)
+        given = {k: getattr(args, k) for k in ("max_steps", "num_workers") if k in utils.flags_given(args)}
+        args, resume = utils.resume_run(Args, args.resume, {"resume": args.resume, **given})
+        validate(args)
+        if resume is not None:
+            utils.require_keys(resume, CHECKPOINT_KEYS, args.resume)
+    else:
+        utils.check_out_dir(args.out_dir)
     device = utils.resolve_device(args.device)
     amp_dtype, use_scaler = utils.resolve_precision(args.precision, device)
     utils.seed_everything(args.seed, args.deterministic)
@@ -445,14 +459,13 @@ def main(args: Args) -> dict:
     n_train, num_classes = len(noisy_y), data.num_classes
     if args.batch_size > n_train:
         raise UsageError(f"--batch-size {args.batch_size}: larger than the {n_train} training samples")
-    if resume is not None:
+    if args.resume:
         run_dir = Path(args.resume)
     else:
         name = utils.run_name(args.method, args.dataset, Path(args.noise_file).stem if args.noise_file else args.noise,
                               args.seed, args.exp_name)
         run_dir = utils.make_run_dir(args.out_dir, name)
         utils.atomic_write_json(run_dir / "args.json", dataclasses.asdict(args))
-        np.savez_compressed(run_dir / "labels.npz", subset=subset, clean=clean_y.numpy(), noisy=noisy_y.numpy())
     size = 224 if args.dataset == "clothing1m" else train_x.shape[-1]
     weak, strong, test_view = make_views(args.dataset, size, args.randaug_ops, args.randaug_magnitude)
     n_views = 1 if args.method == "ce" else 3
@@ -472,17 +485,33 @@ def main(args: Args) -> dict:
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=args.milestones, gamma=args.lr_gamma)
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
 
-    metrics = utils.MetricsWriter(run_dir, args.track)
-    start_epoch, step, history, wall_before = 0, 0, [], 0.0
+    start_epoch, step, history, wall_before, skipped = 0, 0, [], 0.0, 0
     if resume is not None:
-        model.load_state_dict(resume["model"])
-        opt.load_state_dict(resume["optimizer"])
-        sched.load_state_dict(resume["scheduler"])
-        scaler.load_state_dict(resume["scaler"])
-        utils.set_rng_state(resume["rng"])
+        with utils.restoring(run_dir):
+            model.load_state_dict(resume["model"])
+            opt.load_state_dict(resume["optimizer"])
+            sched.load_state_dict(resume["scheduler"])
+            scaler.load_state_dict(resume["scaler"])
+            utils.set_rng_state(resume["rng"])
         start_epoch, step, history, wall_before = resume["epoch"], resume["step"], resume["history"], resume["wall_s"]
-        metrics.truncate_after(step)
-        print(f"resuming {run_dir} at epoch {start_epoch} (step {step})")
+        skipped = resume.get("skipped_nonfinite", 0)
+    if resume is None:  # a new run, or one that stopped before its first checkpoint (it starts over)
+        # what defines the run's data: the training subset, its clean and given (noisy) labels, the test samples
+        utils.atomic_savez(run_dir / "labels.npz", subset=subset, clean=clean_y.numpy(), noisy=noisy_y.numpy(),
+                           test_indices=np.arange(len(test_y)))
+    metrics = utils.MetricsWriter(run_dir, args.track)
+    if args.resume:
+        metrics.resume(resume, step)
+        print(f"resuming {run_dir} at epoch {start_epoch} (step {step})" if resume is not None else
+              f"resuming {run_dir}: it stopped before its first checkpoint, so it starts over")
+
+    def checkpoint(epoch: int) -> None:
+        utils.save_checkpoint(run_dir, {
+            "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+            "scaler": scaler.state_dict(), "rng": utils.rng_state(), "epoch": epoch, "step": step,
+            "history": history, "wall_s": wall_before + time.time() - t_start, "skipped_nonfinite": skipped,
+            "metrics_lines": metrics.lines})
+
     print(f"run: {run_dir}  |  {args.method} on {args.dataset} ({n_train} train, {len(test_y)} test), "
           f"noise {noise_info['spec']} realized {noise_info['realized_rate']}  |  device {device}, "
           f"precision {amp_dtype or 'fp32'}")
@@ -490,6 +519,8 @@ def main(args: Args) -> dict:
     t_start, samples_seen = time.time(), 0
     stop = utils.StopFlag()
     with stop:
+        if resume is None:  # the starting point: a kill or Ctrl-C in the first epoch leaves a checkpoint too
+            checkpoint(0)
         for epoch in range(start_epoch, args.epochs):
             torch.manual_seed(args.seed * 100_003 + epoch)  # negatives sampled this epoch: same after a resume
             lacol_phase = args.method == "lacol" and epoch >= args.warmup_epochs
@@ -523,23 +554,28 @@ def main(args: Args) -> dict:
                     sel_count += int(selected.sum())
                     if known_clean:
                         sel_clean += int((selected & (y == clean_y[idx].to(device))).sum())
-                utils.check_finite(loss, step, terms)
-                opt.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(opt)
-                scaler.update()
+                finite = utils.check_finite(loss, step, terms, args.skip_nonfinite)
+                if finite:
+                    opt.zero_grad(set_to_none=True)
+                    scaler.scale(loss).backward()
+                    scaler.step(opt)
+                    scaler.update()
+                else:  # --skip-nonfinite: no backward pass, no update
+                    skipped += 1
                 step += 1
                 samples_seen += b
-                for k, v in terms.items():
-                    sums[k] = sums.get(k, 0.0) + v.item()
-                sums["n"] = sums.get("n", 0) + 1
+                if finite:
+                    for k, v in terms.items():
+                        sums[k] = sums.get(k, 0.0) + v.item()
+                    sums["n"] = sums.get("n", 0) + 1
                 bar.set_postfix(loss=f"{loss.item():.3f}")
                 if stop or (args.max_steps and step >= args.max_steps):
                     break
-            if stop:
-                print(f"\ninterrupted in epoch {epoch + 1}; the checkpoint of epoch {epoch} is kept. "
-                      f"Resume with: python lacol.py --resume {run_dir}")
-                sys.exit(130)
+            if stop:  # checkpoints are taken at epoch ends (data order and augmentations are per epoch)
+                print(f"\ninterrupted in epoch {epoch + 1} (step {step}); the checkpoint of the start of this epoch "
+                      f"is kept, and the run continues from there. Resume with: python lacol.py --resume {run_dir}",
+                      flush=True)
+                sys.exit(utils.EXIT_INTERRUPTED)
             sched.step()
             # ---- evaluation on the clean test set, every epoch
             res = evaluate(model, DataLoader(test_ds, batch_size=512, num_workers=0), device, amp_dtype)
@@ -549,13 +585,12 @@ def main(args: Args) -> dict:
                 if known_clean:
                     log["selected_precision"] = sel_clean / sel_count
             history.append(res["acc"])
+            if args.skip_nonfinite:
+                log["skipped_nonfinite"] = skipped
             metrics.write(step, "test", epoch=epoch + 1, acc=res["acc"], lr=opt.param_groups[0]["lr"], **train_log, **log)
             tqdm.write(f"epoch {epoch + 1:3d}  test acc {res['acc']:6.2f}  best {max(history):6.2f}  "
                        + "  ".join(f"{k} {v:.4f}" for k, v in {**train_log, **log}.items()))
-            utils.save_checkpoint(run_dir, {
-                "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                "scaler": scaler.state_dict(), "rng": utils.rng_state(), "epoch": epoch + 1, "step": step,
-                "history": history, "wall_s": wall_before + time.time() - t_start})
+            checkpoint(epoch + 1)
             if args.max_steps and step >= args.max_steps:
                 break
     metrics.close()
@@ -571,6 +606,7 @@ def main(args: Args) -> dict:
         "best": {"acc": history[best] if history else None, "epoch": best + 1},
         "last10_mean": {"acc": float(np.mean(history[-10:])) if history else None},
         "wall_s": round(wall, 2), "samples_per_s": round(samples_seen / max(time.time() - t_start, 1e-9), 1),
+        "skipped_nonfinite_steps": skipped,
     }
     utils.write_summary(run_dir, summary)
     print(f"done: last {summary['final']['acc']:.2f}  best {summary['best']['acc']:.2f} (epoch {best + 1})  "

@@ -228,7 +228,8 @@ def test_resume_gives_the_same_result_as_an_uninterrupted_run(tmp_path, fmnist):
     full = lacol.main(_args(tmp_path, *common, "--exp-name", "full"))
     # the same run stopped after two epochs (as if killed there), then resumed
     lacol.main(_args(tmp_path, *common, "--exp-name", "cut", "--max-steps", str(2 * (512 // 64))))
-    resumed = lacol.main(parse_args(lacol.Args, ["--resume", str(tmp_path / "cut"), "--num-workers", "0"]))
+    # --max-steps given with --resume replaces the cut run's own limit
+    resumed = lacol.main(parse_args(lacol.Args, ["--resume", str(tmp_path / "cut"), "--max-steps", "1000"]))
     assert resumed["final"] == full["final"] and resumed["best"] == full["best"]
     recs = lambda name: [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
     assert [r["acc"] for r in recs("cut")] == [r["acc"] for r in recs("full")]
