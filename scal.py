@@ -116,8 +116,11 @@ class Args:
                       choices=list(text_data.SOURCES))
     out_dir: str = arg("runs", "parent of the run directory")
     track: bool = arg(False, "also write TensorBoard events to <run>/tb")
-    resume: str = arg("", "run directory to continue from its last checkpoint")
+    resume: str = arg("", "run directory to continue from its last checkpoint; its own"
+                      " arguments are used, except --max-steps when given")
     max_steps: int | None = arg(None, "stop after this many optimizer steps (default: no limit)")
+    skip_nonfinite: bool = arg(False, "skip a step whose loss is NaN or infinite (no update; counted in metrics.jsonl "
+                               "and summary.json) instead of stopping the run with exit code 4")
     limit_train: int | None = arg(None, "train on a fixed random subset of this many examples (see --subset-seed)")
     subset_seed: int = arg(0, "seed of the --limit-train subset (fixed across --seed, so seeds share the data)")
     limit_eval: int | None = arg(None, "evaluate on the first N examples of each evaluation split (default: all)")
@@ -214,6 +217,10 @@ def validate(args: Args) -> None:
         if text_data.label_names(t) != text_data.label_names(args.task):
             raise UsageError(f"--train-tasks {t}: its labels {text_data.label_names(t)} differ from --task "
                              f"{args.task}'s {text_data.label_names(args.task)}")
+    for t in args.train_tasks or [args.task]:
+        if args.train_split not in text_data.task_splits(t):
+            raise UsageError(f"--train-split {args.train_split}: {t} has the splits "
+                             f"{', '.join(text_data.task_splits(t))}")
 
 
 # =========================================================================================
@@ -339,14 +346,18 @@ def collate(encoded: list[dict], pad_id: int, device: torch.device, regression: 
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def load_task(args: Args, data_dir: Path):
+def load_task(args: Args, data_dir: Path, record: dict | None = None):
     """Training examples, evaluation splits and test splits as lists of text_data.Example.
-    A missing data set raises MissingError (one line) here, before anything is written."""
+    A missing data set raises MissingError (one line) here, before anything is written.
+    `record`, when given, receives what defines the data (the run saves it as data_subsets.json):
+    the training subset's indices into the (concatenated, labelled) training split, and the
+    number of examples used of each evaluation split."""
     train = []
     for t in args.train_tasks or [args.task]:
         train += text_data.load_text_task(t, args.train_split, data_dir, args.source)
     train = [e for e in train if not (isinstance(e.label, int) and e.label < 0)]
     n_all = len(train)
+    keep = None
     if args.limit_train:
         if args.limit_train > n_all:
             raise UsageError(f"--limit-train {args.limit_train}: {args.task} {args.train_split} has only "
@@ -359,6 +370,16 @@ def load_task(args: Args, data_dir: Path):
         parts = [text_data.load_text_task(args.task, s, data_dir, args.source) for s in splits]
         evals.append((name, suffix, parts))
     tests = [text_data.load_text_task(args.task, s, data_dir, args.source) for s in test_splits]
+    if record is not None:
+        def used(splits, parts):  # evaluation: the first --limit-eval examples of each split
+            return {s: {"n_all": len(p), "first": min(len(p), args.limit_eval or len(p))}
+                    for s, p in zip(splits, parts)}
+
+        record["train"] = {"tasks": args.train_tasks or [args.task], "split": args.train_split, "source": args.source,
+                           "n_all": n_all, "subset_seed": args.subset_seed if keep is not None else None,
+                           "indices": keep.tolist() if keep is not None else None}
+        record["eval"] = {name: used(splits, parts) for (name, _, splits), (_, _, parts) in zip(eval_spec, evals)}
+        record["test"] = used(test_splits, tests)
     return train, evals, ([("test", "", tests)] if tests else [])
 
 
@@ -599,14 +620,22 @@ def setting_name(args: Args) -> str:
     return s + (f"_a{args.alpha:g}" if args.method in ("scal", "cl") else "")
 
 
+CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "scaler", "rng", "step", "history", "best", "bad_evals",
+                   "stopped_early", "wall_s", "train_s", "samples")
+
+
 def main(args: Args) -> dict:
     validate(args)
     resume = None
-    if args.resume:  # continue a run: its own arguments, its directory, its last checkpoint
-        saved = utils.load_resume_args(args.resume)
-        resume = utils.load_checkpoint(args.resume)
-        # the run's own arguments; only the step limit may change (as in lacol.py)
-        args = Args(**{**saved, "resume": args.resume, "max_steps": args.max_steps})
+    if args.resume:  # continue a run: its own arguments, its directory, its last checkpoint (None: start over)
+        # the run's own arguments; only the step limit may change, when given with --resume (as in lacol.py)
+        given = {"max_steps": args.max_steps} if "max_steps" in utils.flags_given(args) else {}
+        args, resume = utils.resume_run(Args, args.resume, {"resume": args.resume, **given})
+        validate(args)
+        if resume is not None:
+            utils.require_keys(resume, CHECKPOINT_KEYS, args.resume)
+    else:
+        utils.check_out_dir(args.out_dir)
     device = utils.resolve_device(args.device)
     amp_dtype, use_scaler = utils.resolve_precision(args.precision, device)
     utils.seed_everything(args.seed, args.deterministic)
@@ -615,7 +644,8 @@ def main(args: Args) -> dict:
     num_labels = 1 if regression else len(text_data.label_names(args.task))
 
     # ---- data and model (before the run directory exists: a failure here writes nothing)
-    train_ex, eval_specs, test_specs = load_task(args, data_dir)
+    data_record: dict = {}
+    train_ex, eval_specs, test_specs = load_task(args, data_dir, data_record)
     if args.batch_size > len(train_ex):
         raise UsageError(f"--batch-size {args.batch_size}: larger than the {len(train_ex)} training examples")
     encoder, tokenizer = load_model(args, [t for e in train_ex for t in (e.text_a, e.text_b) if t])
@@ -633,30 +663,53 @@ def main(args: Args) -> dict:
     primary = PRIMARY_METRIC.get(args.task, "acc")
     select = SELECT_METRIC.get(args.task, primary)
 
-    if resume is not None:
+    if args.resume:
         run_dir = Path(args.resume)
     else:
         run_dir = utils.make_run_dir(args.out_dir, utils.run_name(args.method, args.task, setting_name(args),
                                                                   args.seed, args.exp_name))
         utils.atomic_write_json(run_dir / "args.json", dataclasses.asdict(args))
-    metrics = utils.MetricsWriter(run_dir, args.track)
     step, history, best, bad_evals, wall_before, train_time, samples = 0, [], None, 0, 0.0, 0.0, 0
+    sums: dict[str, float] = {}  # training-loss sums since the last evaluation
+    skipped = 0  # --skip-nonfinite: steps left out
     if resume is not None:
-        model.load_state_dict(resume["model"])
-        opt.load_state_dict(resume["optimizer"])
-        sched.load_state_dict(resume["scheduler"])
-        scaler.load_state_dict(resume["scaler"])
-        utils.set_rng_state(resume["rng"])
+        with utils.restoring(run_dir):
+            model.load_state_dict(resume["model"])
+            opt.load_state_dict(resume["optimizer"])
+            sched.load_state_dict(resume["scheduler"])
+            scaler.load_state_dict(resume["scaler"])
+            utils.set_rng_state(resume["rng"])
         step, history, best, bad_evals = resume["step"], resume["history"], resume["best"], resume["bad_evals"]
         wall_before, train_time, samples = resume["wall_s"], resume["train_s"], resume["samples"]
-        metrics.truncate_after(step)
-        print(f"resuming {run_dir} at step {step}")
+        sums, skipped = dict(resume.get("sums", {})), resume.get("skipped_nonfinite", 0)
+    else:  # a new run, or one that stopped before its first checkpoint (it starts over)
+        utils.atomic_write_json(run_dir / "data_subsets.json", data_record)
+    metrics = utils.MetricsWriter(run_dir, args.track)
+    if args.resume:
+        metrics.resume(resume, step)
+        print(f"resuming {run_dir} at step {step}" if resume is not None else
+              f"resuming {run_dir}: it stopped before its first checkpoint, so it starts over")
     print(f"run: {run_dir}  |  {args.method} on {args.task} ({len(train_enc)} train, "
           f"{', '.join(f'{e.name} {len(e.gold)}' for e in eval_sets)})  |  model {args.model}  |  device {device}, "
           f"precision {amp_dtype or 'fp32'}")
 
     t_start = time.time()
-    sums: dict[str, float] = {}
+
+    def checkpoint() -> None:
+        utils.save_checkpoint(run_dir, {
+            "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+            "scaler": scaler.state_dict(), "rng": utils.rng_state(), "step": step, "history": history,
+            "best": best, "bad_evals": bad_evals, "stopped_early": args.patience > 0 and bad_evals >= args.patience,
+            "wall_s": wall_before + time.time() - t_start, "train_s": train_time, "samples": samples,
+            "sums": sums, "skipped_nonfinite": skipped, "metrics_lines": metrics.lines})
+
+    def interrupted() -> None:
+        """Ctrl-C / SIGTERM: checkpoint this step (the data order is a function of the epoch, so a
+        run resumes in the middle of one), say how to continue, exit 130."""
+        checkpoint()
+        print(f"\ninterrupted at step {step}; checkpoint saved. Resume with: python scal.py --resume {run_dir}",
+              flush=True)
+        sys.exit(utils.EXIT_INTERRUPTED)
 
     def evaluate_and_checkpoint(epoch: float) -> bool:
         """Evaluate, log, keep the best, checkpoint. Returns True when early stopping fires."""
@@ -673,16 +726,13 @@ def main(args: Args) -> dict:
                 utils.atomic_torch_save(model.state_dict(), run_dir / "best_model.pt")
         else:
             bad_evals += 1
+        if args.skip_nonfinite:
+            train_log["skipped_nonfinite"] = skipped
         metrics.write(step, eval_sets[0].name, epoch=epoch, **res, lr=sched.get_last_lr()[0], **train_log)
         tqdm.write(f"step {step:6d}  epoch {epoch:5.2f}  {select} {res[select]:6.2f}  best {best[select]:6.2f}"
                    + (f"  adv_{select} {res['adv_' + select]:6.2f}" if "adv_" + select in res else "")
                    + "".join(f"  {k} {v:.4f}" for k, v in train_log.items()))
-        utils.save_checkpoint(run_dir, {
-            "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-            "scaler": scaler.state_dict(), "rng": utils.rng_state(), "step": step, "history": history,
-            "best": best, "bad_evals": bad_evals, "stopped_early": args.patience > 0 and bad_evals >= args.patience,
-            "wall_s": wall_before + time.time() - t_start,
-            "train_s": train_time, "samples": samples})
+        checkpoint()
         return args.patience > 0 and bad_evals >= args.patience
 
     stop = utils.StopFlag()
@@ -701,35 +751,40 @@ def main(args: Args) -> dict:
                 batch = collate([train_enc[i] for i in idx], pad_id, device, regression)
                 with utils.autocast(device, amp_dtype):
                     loss, terms = step_fn(model, batch, args)
-                utils.check_finite(loss, step, terms)
-                opt.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                if args.max_grad_norm > 0:
-                    scaler.unscale_(opt)
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                scaler.step(opt)
-                scaler.update()
+                finite = utils.check_finite(loss, step, terms, args.skip_nonfinite)
+                if finite:
+                    opt.zero_grad(set_to_none=True)
+                    scaler.scale(loss).backward()
+                    if args.max_grad_norm > 0:
+                        scaler.unscale_(opt)
+                        torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                    scaler.step(opt)
+                    scaler.update()
+                else:  # --skip-nonfinite: no backward pass, no update (the schedule moves on with the data)
+                    skipped += 1
                 sched.step()
                 step += 1
                 samples += len(idx)
                 train_time += time.time() - t0
-                for k, v in {"loss": loss, **terms}.items():
-                    sums[k] = sums.get(k, 0.0) + v.item()
-                sums["n"] = sums.get("n", 0) + 1
+                if finite:
+                    for k, v in {"loss": loss, **terms}.items():
+                        sums[k] = sums.get(k, 0.0) + v.item()
+                    sums["n"] = sums.get("n", 0) + 1
                 bar.set_postfix(loss=f"{loss.item():.3f}")
-                if args.eval_every and step % args.eval_every == 0 and not stop:
+                if args.eval_every and step % args.eval_every == 0:  # also when interrupted: it is due here
                     last_eval_step = step
                     stopped_early = evaluate_and_checkpoint(step / steps_per_epoch)
                 if stop or stopped_early or (args.max_steps and step >= args.max_steps):
                     break
-            if stop:
-                print(f"\ninterrupted at step {step}; the last checkpoint is kept. "
-                      f"Resume with: python scal.py --resume {run_dir}")
-                sys.exit(130)
             at_end = bool(args.max_steps and step >= args.max_steps) or epoch == args.epochs - 1
+            if stop and step < (epoch + 1) * steps_per_epoch and not (args.max_steps and step >= args.max_steps) \
+                    and not stopped_early:
+                interrupted()  # in the middle of an epoch: no epoch-end evaluation yet
             if step != last_eval_step and (not args.eval_every or at_end):  # every epoch, and the last step
                 last_eval_step = step
                 stopped_early = evaluate_and_checkpoint(step / steps_per_epoch)
+            if stop:
+                interrupted()
             if stopped_early or (args.max_steps and step >= args.max_steps):
                 break
     metrics.close()
@@ -751,6 +806,7 @@ def main(args: Args) -> dict:
         "test": test, "n_train": len(train_enc), "steps": step, "evaluations": len(history),
         "stopped_early": stopped_early, "wall_s": round(wall, 2),
         "samples_per_s": round(samples / max(train_time, 1e-9), 2),  # training steps only, without evaluation
+        "skipped_nonfinite_steps": skipped,
     }
     utils.write_summary(run_dir, summary)
     print(f"done: {primary} last {last[primary]:.2f}  best {best[primary]:.2f} (step {best['step']})"

@@ -277,7 +277,8 @@ def test_smoke_run_writes_the_run_files_and_learns(full_run):
 def test_resume_continues_to_the_same_result(tmp_path, full_run):
     full_dir, full = full_run
     scal.main(_args(tmp_path, *RUN, "--exp-name", "cut", "--max-steps", "8"))  # stops after epoch 1
-    resumed = scal.main(parse_args(scal.Args, ["--resume", str(tmp_path / "cut")]))  # as if killed there
+    # as if killed there; --max-steps given with --resume replaces the cut run's own limit
+    resumed = scal.main(parse_args(scal.Args, ["--resume", str(tmp_path / "cut"), "--max-steps", "1000"]))
     assert resumed["final"] == full["final"] and resumed["best"] == full["best"]
     # the training losses too (the accuracy of a tiny model barely moves): same dropout, same batches
     assert _records(tmp_path / "cut") == _records(full_dir)
