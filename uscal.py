@@ -99,8 +99,11 @@ class Args:
                       choices=list(text_data.SOURCES))
     out_dir: str = arg("runs", "parent of the run directory")
     track: bool = arg(False, "also write TensorBoard events to <run>/tb")
-    resume: str = arg("", "run directory to continue from its last checkpoint")
+    resume: str = arg("", "run directory to continue from its last checkpoint; its own"
+                      " arguments are used, except --max-steps when given")
     max_steps: int | None = arg(None, "stop after this many optimizer steps (default: no limit)")
+    skip_nonfinite: bool = arg(False, "skip a step whose loss is NaN or infinite (no update; counted in metrics.jsonl "
+                               "and summary.json) instead of stopping the run with exit code 4")
     limit_train: int | None = arg(None, "train on a fixed random subset of this many sentences (see --subset-seed)")
     subset_seed: int = arg(0, "seed of the --limit-train subset (fixed across --seed, so seeds share the data)")
     limit_eval: int | None = arg(None, "evaluate on the first N pairs of each STS set / subset (default: all)")
@@ -174,10 +177,11 @@ def validate(args: Args) -> None:
 # =========================================================================================
 # Data: training sentences; STS evaluation sets
 # =========================================================================================
-def load_training_sentences(args: Args, data_dir: Path) -> list[str]:
+def load_training_sentences(args: Args, data_dir: Path, record: dict | None = None) -> list[str]:
     """wiki1m (SimCSE's, hub or <data_dir>/simcse/), or the offline English sentences: SentEval
     MR, CR, SUBJ, MPQA and both sides of the STS-B train pairs (scores dropped), exact
-    duplicates removed (first occurrence kept). Then the fixed --limit-train subset."""
+    duplicates removed (first occurrence kept). Then the fixed --limit-train subset. `record`,
+    when given, receives the subset's indices into the full list (saved as data_subsets.json)."""
     if args.train_data == "wiki1m":
         sentences = text_data.load_wiki1m(data_dir, args.source)
     else:
@@ -189,7 +193,12 @@ def load_training_sentences(args: Args, data_dir: Path) -> list[str]:
         if args.limit_train > len(sentences):
             raise UsageError(f"--limit-train {args.limit_train}: {args.train_data} has only {len(sentences)} sentences")
         keep = np.sort(np.random.default_rng(args.subset_seed).permutation(len(sentences))[: args.limit_train])
+        if record is not None:
+            record["train"] = {"data": args.train_data, "n_all": len(sentences), "subset_seed": args.subset_seed,
+                               "indices": keep.tolist()}
         sentences = [sentences[i] for i in keep]
+    elif record is not None:
+        record["train"] = {"data": args.train_data, "n_all": len(sentences), "subset_seed": None, "indices": None}
     return sentences
 
 
@@ -388,25 +397,38 @@ def setting_name(args: Args) -> str:
     return s if args.alpha == 0 or args.eval_only else s + f"_{args.attack}{args.epsilon:g}_a{args.alpha:g}"
 
 
+CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "scaler", "rng", "step", "history", "best", "wall_s",
+                   "train_s", "samples")
+
+
 def main(args: Args) -> dict:
     validate(args)
     resume = None
-    if args.resume:  # continue a run: its own arguments, its directory, its last checkpoint
-        saved = utils.load_resume_args(args.resume)
-        resume = utils.load_checkpoint(args.resume)
-        # the run's own arguments; only the step limit may change (as in lacol.py)
-        args = Args(**{**saved, "resume": args.resume, "max_steps": args.max_steps})
+    if args.resume:  # continue a run: its own arguments, its directory, its last checkpoint (None: start over)
+        # the run's own arguments; only the step limit may change, when given with --resume (as in lacol.py)
+        given = {"max_steps": args.max_steps} if "max_steps" in utils.flags_given(args) else {}
+        args, resume = utils.resume_run(Args, args.resume, {"resume": args.resume, **given})
+        validate(args)
+        if resume is not None:
+            utils.require_keys(resume, CHECKPOINT_KEYS, args.resume)
+    else:
+        utils.check_out_dir(args.out_dir)
     device = utils.resolve_device(args.device)
     amp_dtype, use_scaler = utils.resolve_precision(args.precision, device)
     utils.seed_everything(args.seed, args.deterministic)
     data_dir = Path(args.data_dir) if args.data_dir else utils.shared_data_dir()
 
     # ---- data and model (before the run directory exists: a failure here writes nothing)
-    sentences = [] if args.eval_only and args.model != "tiny" else load_training_sentences(args, data_dir)
+    data_record: dict = {"train": None}
+    sentences = [] if args.eval_only and args.model != "tiny" else load_training_sentences(args, data_dir, data_record)
     if not args.eval_only and args.batch_size > len(sentences):
         raise UsageError(f"--batch-size {args.batch_size}: larger than the {len(sentences)} training sentences")
     dev_sets = load_sts_sets(args, data_dir, ("stsb",), split="dev")
     test_sets = load_sts_sets(args, data_dir, TEST_SETS)
+    # evaluation: the first --limit-eval pairs of each STS set / subset
+    data_record["eval"] = {f"{name}_{split}": {sub: len(v) for sub, v in sets[name].items()}
+                           for sets, split in ((dev_sets, "dev"), (test_sets, "test")) for name in sets}
+    data_record["limit_eval"] = args.limit_eval
     encoder, tokenizer = load_model(args, sentences)
     model = SimCSEModel(encoder).to(device).train()
 
@@ -416,30 +438,44 @@ def main(args: Args) -> dict:
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
     step_fn = uscal_step  # = simcse_step when alpha is 0
 
-    if resume is not None:
+    if args.resume:
         run_dir = Path(args.resume)
     else:
         data_name = "sts" if args.eval_only else args.train_data
         run_dir = utils.make_run_dir(args.out_dir, utils.run_name(method_name(args), data_name, setting_name(args),
                                                                   args.seed, args.exp_name))
         utils.atomic_write_json(run_dir / "args.json", dataclasses.asdict(args))
-    metrics = utils.MetricsWriter(run_dir, args.track)
     step, history, best, wall_before, train_time, samples = 0, [], None, 0.0, 0.0, 0
+    sums: dict[str, float] = {}  # training-loss sums since the last evaluation
+    skipped = 0  # --skip-nonfinite: steps left out
     if resume is not None:
-        model.load_state_dict(resume["model"])
-        opt.load_state_dict(resume["optimizer"])
-        sched.load_state_dict(resume["scheduler"])
-        scaler.load_state_dict(resume["scaler"])
-        utils.set_rng_state(resume["rng"])
+        with utils.restoring(run_dir):
+            model.load_state_dict(resume["model"])
+            opt.load_state_dict(resume["optimizer"])
+            sched.load_state_dict(resume["scheduler"])
+            scaler.load_state_dict(resume["scaler"])
+            utils.set_rng_state(resume["rng"])
         step, history, best = resume["step"], resume["history"], resume["best"]
         wall_before, train_time, samples = resume["wall_s"], resume["train_s"], resume["samples"]
-        metrics.truncate_after(step)
-        print(f"resuming {run_dir} at step {step}")
+        sums, skipped = dict(resume.get("sums", {})), resume.get("skipped_nonfinite", 0)
+    else:  # a new run, or one that stopped before its first checkpoint (it starts over)
+        utils.atomic_write_json(run_dir / "data_subsets.json", data_record)
+    metrics = utils.MetricsWriter(run_dir, args.track)
+    if args.resume:
+        metrics.resume(resume, step)
+        print(f"resuming {run_dir} at step {step}" if resume is not None else
+              f"resuming {run_dir}: it stopped before its first checkpoint, so it starts over")
     print(f"run: {run_dir}  |  {method_name(args)} on {len(sentences)} {args.train_data} sentences  |  "
           f"model {args.model}  |  device {device}, precision {amp_dtype or 'fp32'}")
 
     t_start = time.time()
-    sums: dict[str, float] = {}
+
+    def checkpoint() -> None:
+        utils.save_checkpoint(run_dir, {
+            "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+            "scaler": scaler.state_dict(), "rng": utils.rng_state(), "step": step, "history": history,
+            "best": best, "wall_s": wall_before + time.time() - t_start, "train_s": train_time, "samples": samples,
+            "sums": sums, "skipped_nonfinite": skipped, "metrics_lines": metrics.lines})
 
     def evaluate_and_checkpoint() -> None:
         """STS-B dev, log, keep the best encoder weights, checkpoint."""
@@ -454,14 +490,13 @@ def main(args: Args) -> dict:
         if best is None or res["stsb_dev"] > best["stsb_dev"]:
             best = dict(rec)
             utils.atomic_torch_save(model.state_dict(), run_dir / "best_model.pt")
+        if args.skip_nonfinite:
+            train_log["skipped_nonfinite"] = skipped
         metrics.write(step, "stsb_dev", epoch=step / max(steps_per_epoch, 1), **res, lr=sched.get_last_lr()[0],
                       **train_log)
         tqdm.write(f"step {step:6d}  STS-B dev {res['stsb_dev']:6.2f}  best {best['stsb_dev']:6.2f} (step "
                    f"{best['step']})" + "".join(f"  {k} {v:.4f}" for k, v in train_log.items()))
-        utils.save_checkpoint(run_dir, {
-            "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-            "scaler": scaler.state_dict(), "rng": utils.rng_state(), "step": step, "history": history,
-            "best": best, "wall_s": wall_before + time.time() - t_start, "train_s": train_time, "samples": samples})
+        checkpoint()
 
     stop = utils.StopFlag()
     last_eval_step = history[-1]["step"] if history else -1
@@ -477,31 +512,36 @@ def main(args: Args) -> dict:
                 batch = tokenize_batch(tokenizer, [sentences[i] for i in idx], args.max_length, device)
                 with utils.autocast(device, amp_dtype):
                     loss, terms = step_fn(model, batch, args)
-                utils.check_finite(loss, step, terms)
-                opt.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                if args.max_grad_norm > 0:
-                    scaler.unscale_(opt)
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                scaler.step(opt)
-                scaler.update()
+                finite = utils.check_finite(loss, step, terms, args.skip_nonfinite)
+                if finite:
+                    opt.zero_grad(set_to_none=True)
+                    scaler.scale(loss).backward()
+                    if args.max_grad_norm > 0:
+                        scaler.unscale_(opt)
+                        torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                    scaler.step(opt)
+                    scaler.update()
+                else:  # --skip-nonfinite: no backward pass, no update (the schedule moves on with the data)
+                    skipped += 1
                 sched.step()
                 step += 1
                 samples += len(idx)
                 train_time += time.time() - t0
-                for k, v in {"loss": loss, **terms}.items():
-                    sums[k] = sums.get(k, 0.0) + v.item()
-                sums["n"] = sums.get("n", 0) + 1
+                if finite:
+                    for k, v in {"loss": loss, **terms}.items():
+                        sums[k] = sums.get(k, 0.0) + v.item()
+                    sums["n"] = sums.get("n", 0) + 1
                 bar.set_postfix(loss=f"{loss.item():.3f}")
-                if step % args.eval_every == 0 and not stop:
+                if step % args.eval_every == 0:  # also when interrupted: it is due at this step
                     last_eval_step = step
                     evaluate_and_checkpoint()
                 if stop or (args.max_steps and step >= args.max_steps):
                     break
-            if stop:
-                print(f"\ninterrupted at step {step}; the last checkpoint is kept. "
-                      f"Resume with: python uscal.py --resume {run_dir}")
-                sys.exit(130)
+            if stop:  # checkpoint this step (the data order is a function of the epoch: it resumes mid-epoch)
+                checkpoint()
+                print(f"\ninterrupted at step {step}; checkpoint saved. "
+                      f"Resume with: python uscal.py --resume {run_dir}", flush=True)
+                sys.exit(utils.EXIT_INTERRUPTED)
             if args.max_steps and step >= args.max_steps:
                 break
         if step != last_eval_step:  # the end of training (or, with --eval-only, the start)
@@ -529,6 +569,7 @@ def main(args: Args) -> dict:
         "final": final, "best": {**best, **test}, "n_train": len(sentences), "steps": step,
         "evaluations": len(history), "wall_s": round(wall, 2),
         "samples_per_s": round(samples / max(train_time, 1e-9), 2) if samples else None,
+        "skipped_nonfinite_steps": skipped,
     }
     utils.write_summary(run_dir, summary)
     print("test (best checkpoint, step %d): " % best["step"]

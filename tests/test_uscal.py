@@ -204,7 +204,8 @@ def test_smoke_run_writes_the_run_files_learns_and_exports(full_run):
 def test_resume_continues_to_the_same_result(tmp_path, full_run):
     full_dir, full = full_run
     uscal.main(_args(tmp_path, "--exp-name", "cut", "--max-steps", "3"))  # stops in the middle of epoch 1
-    resumed = uscal.main(parse_args(uscal.Args, ["--resume", str(tmp_path / "cut")]))  # as if killed there
+    # as if killed there; --max-steps given with --resume replaces the cut run's own limit
+    resumed = uscal.main(parse_args(uscal.Args, ["--resume", str(tmp_path / "cut"), "--max-steps", "1000"]))
     assert resumed["final"] == full["final"] and resumed["best"] == full["best"]
     records = lambda run: [{k: v for k, v in json.loads(x).items() if k != "elapsed_s"}  # noqa: E731
                            for x in (run / "metrics.jsonl").read_text().splitlines()]
