@@ -132,9 +132,12 @@ class Args:
                            choices=["auto", "local", "hub"])
     out_dir: str = arg("runs", "parent of the run directory")
     track: bool = arg(False, "also write TensorBoard events to <run>/tb")
-    resume: str = arg("", "run directory to continue from its last checkpoint (any stage, any language)")
+    resume: str = arg("", "run directory to continue from its last checkpoint (any stage, any language); its own"
+                      " arguments are used, except --max-steps when given")
     max_steps: int | None = arg(None, "cap on optimizer steps per training pass (each stage-0 epoch, stage-1 "
                                 "epoch and stage-2 iteration); for smoke tests. Default: no cap")
+    skip_nonfinite: bool = arg(False, "skip a step whose loss is NaN or infinite (no update; counted in metrics.jsonl "
+                               "and summary.json) instead of stopping the run with exit code 4")
     limit_train: int | None = arg(None, "random subset of this many labeled source pairs (default: all)")
     limit_pool: int | None = arg(None, "random subset of this many unlabeled target pairs (same rows in every "
                                  "language; default: all)")
@@ -260,7 +263,8 @@ def validate(args: Args) -> None:
         raise UsageError("--langs: give at least one XNLI language, or 'all'")
     for lang in langs + [args.select_lang]:
         if lang not in XNLI_LANGS:
-            flag = "--select-lang" if lang == args.select_lang and lang not in langs else "--langs"
+            flag = "--select-lang" if lang == args.select_lang and lang not in langs else \
+                "--lang" if args.lang else "--langs"
             raise UsageError(f"{flag} {lang}: allowed are {', '.join(XNLI_LANGS)} (or 'all' for --langs)")
     if len(set(langs)) != len(langs):
         raise UsageError(f"--langs {' '.join(langs)}: a language is listed twice")
@@ -346,6 +350,13 @@ def _subset(n: int, limit: int | None, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).permutation(n)[:limit])
 
 
+def _note(record: dict | None, key: str, what: str, n_all: int, idx: np.ndarray) -> None:
+    """Put a subset into `record` (saved as data_subsets.json): its indices into the split(s),
+    None when every example is used."""
+    if record is not None:
+        record[key] = {"data": what, "n_all": n_all, "indices": None if len(idx) == n_all else idx.tolist()}
+
+
 def load_labelled(args: Args, task: str, split: str) -> list[Example]:
     """A labelled split; with --data-source auto, a local copy without labels (local XNLI test)
     is replaced by the hub's labelled copy."""
@@ -359,24 +370,29 @@ def load_labelled(args: Args, task: str, split: str) -> list[Example]:
     return ex
 
 
-def load_source(args: Args) -> list[Example]:
+def load_source(args: Args, record: dict | None = None) -> list[Example]:
     ex: list[Example] = []
     for split in args.source_splits:
         ex += [e for e in load_text_task(args.source_task, split, _data_dir(args), args.data_source) if e.label >= 0]
     idx = _subset(len(ex), args.limit_train, args.seed)
+    _note(record, "source", f"{args.source_task} {'+'.join(args.source_splits)} (labelled pairs)", len(ex), idx)
     return [ex[i] for i in idx]
 
 
-def load_eval_set(args: Args, lang: str, split: str) -> list[Example]:
+def load_eval_set(args: Args, lang: str, split: str, record: dict | None = None, key: str = "") -> list[Example]:
     ex = load_labelled(args, f"xnli-{lang}", split)
-    return [ex[i] for i in _subset(len(ex), args.limit_eval, 12345)]  # fixed: same subset for every seed
+    idx = _subset(len(ex), args.limit_eval, 12345)  # fixed: same subset for every seed
+    _note(record, key or f"eval_{lang}", f"xnli-{lang} {split}", len(ex), idx)
+    return [ex[i] for i in idx]
 
 
-def load_pool(args: Args, lang: str) -> list[tuple[str, str]]:
+def load_pool(args: Args, lang: str, record: dict | None = None) -> list[tuple[str, str]]:
     """The unlabeled target pool: premise/hypothesis only. XNLI is parallel across languages, so
     the same rows are taken in every language."""
     ex = load_text_task(f"xnli-{lang}", args.pool_split, _data_dir(args), args.data_source)
-    return [(ex[i].text_a, ex[i].text_b) for i in _subset(len(ex), args.limit_pool, args.seed)]
+    idx = _subset(len(ex), args.limit_pool, args.seed)
+    _note(record, f"pool_{lang}", f"xnli-{lang} {args.pool_split} (labels dropped)", len(ex), idx)
+    return [(ex[i].text_a, ex[i].text_b) for i in idx]
 
 
 def load_pool_gold_labels_for_analysis_only(args: Args, lang: str) -> torch.Tensor | None:
@@ -988,6 +1004,8 @@ class Ctx:
     history: list = dataclasses.field(default_factory=list)  # one record per evaluation
     results: dict = dataclasses.field(default_factory=dict)  # per language: bins, stage-2 statistics
     target: TargetData | None = None
+    skipped: int = 0  # --skip-nonfinite: steps left out
+    on_stop: Callable[[], None] | None = None  # saves the running stage's state at a Ctrl-C
 
 
 def pass_key(*parts: Any) -> int:
@@ -1040,7 +1058,8 @@ def save_state(ctx: Ctx, plan_pos: int, item: dict, opt=None, sched=None) -> Non
         "scheduler": sched.state_dict() if sched else None, "scaler": ctx.scaler.state_dict(),
         "rng": utils.rng_state(), "step": ctx.step, "plan_pos": plan_pos, "item": item,
         "history": ctx.history, "results": ctx.results, "samples": ctx.samples, "train_s": ctx.train_s,
-        "wall_s": ctx.wall_before + time.time() - ctx.t_start})
+        "wall_s": ctx.wall_before + time.time() - ctx.t_start, "skipped_nonfinite": ctx.skipped,
+        "metrics_lines": ctx.metrics.lines})
 
 
 def make_optimizer(ctx: Ctx, kind: str, lr: float, weight_decay: float = 0.0):
@@ -1055,24 +1074,29 @@ def train_step(ctx: Ctx, opt, sched, step_fn: Callable, batch: dict, n_samples: 
     t0 = time.time()
     with utils.autocast(ctx.device, ctx.amp_dtype):
         loss, terms = step_fn(ctx.model, batch, ctx.args)
-    utils.check_finite(loss, ctx.step, terms)
-    opt.zero_grad(set_to_none=True)
-    ctx.scaler.scale(loss).backward()
-    if ctx.args.max_grad_norm > 0:
-        ctx.scaler.unscale_(opt)
-        torch.nn.utils.clip_grad_norm_([p for p in ctx.model.parameters() if p.requires_grad], ctx.args.max_grad_norm)
-    ctx.scaler.step(opt)
-    ctx.scaler.update()
+    finite = utils.check_finite(loss, ctx.step, terms, ctx.args.skip_nonfinite)
+    if finite:
+        opt.zero_grad(set_to_none=True)
+        ctx.scaler.scale(loss).backward()
+        if ctx.args.max_grad_norm > 0:
+            ctx.scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_([p for p in ctx.model.parameters() if p.requires_grad],
+                                           ctx.args.max_grad_norm)
+        ctx.scaler.step(opt)
+        ctx.scaler.update()
+    else:  # --skip-nonfinite: no backward pass, no update (the schedule moves on with the data)
+        ctx.skipped += 1
     if sched is not None:
         sched.step()
     ctx.step += 1
     ctx.samples += n_samples
     ctx.train_s += time.time() - t0
-    sums["n"] = sums.get("n", 0) + 1
-    for k, v in terms.items():
-        sums[k] = sums.get(k, 0.0) + float(v)
     value = loss.item()
-    sums["loss"] = sums.get("loss", 0.0) + value
+    if finite:
+        sums["n"] = sums.get("n", 0) + 1
+        for k, v in terms.items():
+            sums[k] = sums.get(k, 0.0) + float(v)
+        sums["loss"] = sums.get("loss", 0.0) + value
     return value
 
 
@@ -1082,6 +1106,8 @@ def record_eval(ctx: Ctx, stage: int, lang: str | None, epoch: float, sums: dict
     res, probs = evaluate(ctx, lang, en_dev_acc)
     train = {k: v / sums["n"] for k, v in sums.items() if k != "n"} if sums.get("n") else {}
     rec = {"step": ctx.step, "stage": stage, "lang": lang, "epoch": epoch, **res, **train, **(extra or {})}
+    if ctx.args.skip_nonfinite:
+        rec["skipped_nonfinite"] = ctx.skipped
     ctx.metrics.write(ctx.step, "eval", epoch=epoch, **{k: v for k, v in rec.items() if k not in ("step", "epoch")})
     ctx.history.append(rec)
     sums.clear()
@@ -1113,10 +1139,14 @@ def finish_stage(ctx: Ctx, item: dict, path: Path | None) -> dict:
 
 
 def check_stop(ctx: Ctx) -> None:
+    """After each step: on Ctrl-C / SIGTERM, checkpoint the running stage here (ctx.on_stop; its
+    state says which batch comes next), say how to continue, exit 130."""
     if ctx.stop:
-        print(f"\ninterrupted at step {ctx.step}; the last checkpoint is kept. "
-              f"Resume with: python conlst.py --resume {ctx.run_dir}")
-        sys.exit(130)
+        if ctx.on_stop is not None:
+            ctx.on_stop()
+        print(f"\ninterrupted at step {ctx.step}; checkpoint saved. "
+              f"Resume with: python conlst.py --resume {ctx.run_dir}", flush=True)
+        sys.exit(utils.EXIT_INTERRUPTED)
 
 
 # ---- stage 0: English fine-tuning ------------------------------------------------------------
@@ -1134,6 +1164,7 @@ def run_stage0(ctx: Ctx, plan_pos: int, item: dict, ckpt: dict | None) -> None:
         sched.load_state_dict(ckpt["scheduler"])
     ctx.model.train()
     sums = item.setdefault("sums", {})
+    ctx.on_stop = lambda: save_state(ctx, plan_pos, item, opt, sched)
     for epoch in range(item.get("epoch", 0), args.s0_epochs):
         order = permutation(len(source), pass_key(args.seed, "s0", epoch))
         bar = tqdm(range(item.get("batch", 0), per_epoch), desc=f"stage 0 epoch {epoch + 1}/{args.s0_epochs}",
@@ -1202,6 +1233,7 @@ def run_stage1(ctx: Ctx, plan_pos: int, lang: str, item: dict, ckpt: dict | None
     per_epoch = min(n_batches, args.max_steps or n_batches)
     ctx.model.train()
     sums = item.setdefault("sums", {})
+    ctx.on_stop = lambda: save_state(ctx, plan_pos, item, opt)
     use_source = not args.wo_clcs
     for epoch in range(item.get("epoch", 0), args.s1_epochs):
         order = permutation(len(pool), pass_key(args.seed, "s1", lang, epoch))
@@ -1270,6 +1302,7 @@ def run_stage2(ctx: Ctx, plan_pos: int, lang: str, item: dict, ckpt: dict | None
     bs = args.s2_batch_size
     ctx.model.train()
     sums = item.setdefault("sums", {})
+    ctx.on_stop = lambda: save_state(ctx, plan_pos, item, opt)
     iters = ctx.results.setdefault(lang, {}).setdefault("stage2_iterations", [])
     for it in range(item.get("iter", 0), args.s2_iterations):
         if item.get("plan") is None:
@@ -1303,13 +1336,34 @@ def run_stage2(ctx: Ctx, plan_pos: int, lang: str, item: dict, ckpt: dict | None
 # =========================================================================================
 # Loading everything (before the run directory exists), the summary, main
 # =========================================================================================
-def load_data(args: Args, langs: list[str]) -> Data:
-    source = load_source(args)
-    select = load_eval_set(args, args.select_lang, args.select_split)
+def load_data(args: Args, langs: list[str], record: dict | None = None) -> Data:
+    """Every data set of the run; `record` receives the subsets (saved as data_subsets.json)."""
+    source = load_source(args, record)
+    select = load_eval_set(args, args.select_lang, args.select_split, record, "select")
     targets = {}
     for lang in langs:
-        targets[lang] = TargetData(lang, load_pool(args, lang), load_eval_set(args, lang, args.eval_split))
+        targets[lang] = TargetData(lang, load_pool(args, lang, record),
+                                   load_eval_set(args, lang, args.eval_split, record))
     return Data(source, select, targets)
+
+
+def check_sizes(args: Args, data: Data) -> None:
+    """Batch sizes and K against the data the stages that run will see (one line naming the flag)."""
+    n_src = len(data.source)
+    n_pool = min(len(t.pool) for t in data.targets.values())
+    checks = [] if args.stage0_from else [("s0_batch_size", n_src, "labeled source pairs")]
+    if 1 in stages_of(args):
+        checks += [("s1_batch_size", n_pool, "pairs of the unlabeled pool")]
+        checks += [] if args.wo_clcs else [("s1_source_batch_size", n_src, "labeled source pairs")]
+    if 2 in stages_of(args):
+        checks += [("s2_batch_size", n_pool, "pairs of the unlabeled pool"),
+                   ("s2_source_batch_size", n_src, "labeled source pairs")]
+    for name, n, what in checks:
+        if getattr(args, name) > n:
+            raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)}: larger than the {n} {what}")
+    if 1 in stages_of(args) and not args.wo_cl and args.k_neg > n_pool - 1:
+        raise UsageError(f"--k-neg {args.k_neg}: an anchor's negatives are other pairs of the unlabeled pool, "
+                         f"which has {n_pool}; at most {n_pool - 1} are possible")
 
 
 def load_stage0_file(args: Args, pooling: str, prefix: str) -> Path:
@@ -1377,24 +1431,35 @@ def build_summary(ctx: Ctx, langs: list[str], wall: float) -> dict:
         "stage0": {"path": str(ctx.stage0_path), "evals": [{k: r[k] for k in ("step", "epoch", "en_dev_acc")} for r in s0]},
         "steps": ctx.step, "wall_s": round(wall, 2),
         "samples_per_s": round(ctx.samples / max(ctx.train_s, 1e-9), 2),
+        "skipped_nonfinite_steps": ctx.skipped,
     }
+
+
+CHECKPOINT_KEYS = ("model", "scaler", "rng", "step", "plan_pos", "item", "history", "results", "samples", "train_s",
+                   "wall_s")
 
 
 def main(args: Args) -> dict:
     validate(args)
     ckpt = None
-    if args.resume:  # continue a run: its own arguments, its directory, its last checkpoint
-        saved = utils.load_resume_args(args.resume)
-        ckpt = utils.load_checkpoint(args.resume)
-        args = Args(**{**saved, "resume": args.resume})
+    if args.resume:  # continue a run: its own arguments, its directory, its last checkpoint (None: start over)
+        # the run's own arguments; only the step limit may change, when given with --resume (as in lacol.py)
+        given = {"max_steps": args.max_steps} if "max_steps" in utils.flags_given(args) else {}
+        args, ckpt = utils.resume_run(Args, args.resume, {"resume": args.resume, **given})
         validate(args)
+        if ckpt is not None:
+            utils.require_keys(ckpt, CHECKPOINT_KEYS, args.resume)
+    else:
+        utils.check_out_dir(args.out_dir)
     device = utils.resolve_device(args.device)
     amp_dtype, use_scaler = utils.resolve_precision(args.precision, device)
     utils.seed_everything(args.seed, args.deterministic)
     langs = resolve_langs(args)
 
     # ---- data, back-translations, model (before the run directory: a failure writes nothing)
-    data = load_data(args, langs)
+    data_record: dict = {}
+    data = load_data(args, langs, data_record)
+    check_sizes(args, data)
     tiny_texts = [s for e in data.source for s in (e.text_a, e.text_b)] + \
         [s for t in data.targets.values() for p in t.pool for s in p]
     model, tok, prefix = build_model(args, tiny_texts)
@@ -1404,7 +1469,7 @@ def main(args: Args) -> dict:
             data.targets[lang].bt = load_backtranslations(args, lang, data.targets[lang].pool, device)
     stage0_file = load_stage0_file(args, model.pooling, prefix) if args.stage0_from else None
 
-    if ckpt is not None:
+    if args.resume:
         run_dir = Path(args.resume)
     else:
         setting = f"{args.source_task}-{'+'.join(langs) if len(langs) < len(XNLI_LANGS) else 'all'}"
@@ -1421,14 +1486,23 @@ def main(args: Args) -> dict:
         plan += [("zs", lang)] + [(f"s{s}", lang) for s in stages_of(args)]
     start, item = 0, {}
     if ckpt is not None:
-        load_trainable_state(model, ckpt["model"], f"--resume {run_dir}")
-        scaler.load_state_dict(ckpt["scaler"])
-        utils.set_rng_state(ckpt["rng"])
+        with utils.restoring(run_dir):
+            load_trainable_state(model, ckpt["model"], f"--resume {run_dir}")
+            scaler.load_state_dict(ckpt["scaler"])
+            utils.set_rng_state(ckpt["rng"])
         ctx.step, ctx.history, ctx.results = ckpt["step"], ckpt["history"], ckpt["results"]
         ctx.samples, ctx.train_s, ctx.wall_before = ckpt["samples"], ckpt["train_s"], ckpt["wall_s"]
+        ctx.skipped = ckpt.get("skipped_nonfinite", 0)
         start, item = ckpt["plan_pos"], ckpt["item"]
-        ctx.metrics.truncate_after(ctx.step)
-        print(f"resuming {run_dir} at plan item {start} ({plan[start] if start < len(plan) else 'done'}), step {ctx.step}")
+        if not isinstance(start, int) or not 0 <= start <= len(plan):
+            raise MissingError(f"--resume {run_dir}: checkpoint.pt does not fit this run (plan item {start})")
+    else:  # a new run, or one that stopped before its first checkpoint (it starts over)
+        utils.atomic_write_json(run_dir / "data_subsets.json", data_record)
+    if args.resume:
+        ctx.metrics.resume(ckpt, ctx.step)
+        where = plan[start] if start < len(plan) else "done"
+        print(f"resuming {run_dir} at plan item {start} ({where}), step {ctx.step}" if ckpt is not None
+              else f"resuming {run_dir}: it stopped before its first checkpoint, so it starts over")
     print(f"run: {run_dir}  |  {method_name(args)}  {args.model} ({model.pooling} pooling"
           f"{', prefix ' + repr(prefix) if prefix else ''})  |  source {args.source_task} {len(data.source)}  |  "
           f"langs {' '.join(langs)}  |  back-translation {args.bt if bt_enabled(args) else 'off'}  |  device {device}, "
@@ -1449,10 +1523,12 @@ def main(args: Args) -> dict:
             else:
                 run_stage2(ctx, pos, lang, item, resumed)
             item = {}
+            ctx.on_stop = None  # the checkpoint below is the one to resume from
             save_state(ctx, pos + 1, item)
             if kind == "s2" and not args.keep_models:  # stage 1's hand-off is no longer needed
                 (run_dir / f"stage1_{lang}.pt").unlink(missing_ok=True)
             utils.write_summary(run_dir, build_summary(ctx, langs, ctx.wall_before + time.time() - ctx.t_start))
+            check_stop(ctx)  # a Ctrl-C during an evaluation-only item
     ctx.metrics.close()
     (run_dir / "best_in_stage.pt").unlink(missing_ok=True)
 
