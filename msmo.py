@@ -150,6 +150,7 @@ from transformers import get_linear_schedule_with_warmup
 
 from common import utils
 from common.text_data import POLARITIES, XABSA_LANGS, XABSA_TARGETS, AbsaSentence, decode_aspect_spans, load_xabsa
+from common.utils import shared_data_dir
 from common.text_models import load_encoder, tiny_encoder
 from common.utils import MissingError, UsageError, arg
 
@@ -174,9 +175,12 @@ class Args:
                             "(default: ../shared/data beside the checkout, or $LIS_SHARED_DATA)")
     out_dir: str = arg("runs", "parent of the run directory")
     track: bool = arg(False, "also write TensorBoard events to <run>/tb")
-    resume: str = arg("", "run directory to continue from its last checkpoint (training or distillation)")
+    resume: str = arg("", "run directory to continue from its last checkpoint (training or distillation); its own"
+                      " arguments are used, except --max-steps when given")
     max_steps: int | None = arg(None, "stop each stage after this many optimizer steps (smoke tests; the "
                                       "learning-rate schedule still spans --steps / --distill-steps)")
+    skip_nonfinite: bool = arg(False, "skip a step whose loss is NaN or infinite (no update; counted in metrics.jsonl "
+                               "and summary.json) instead of stopping the run with exit code 4")
     limit_train: int | None = arg(None, "use the first N sentences of each training file (default: all)")
     limit_eval: int | None = arg(None, "evaluate on the first N sentences of each dev/test file (default: all)")
     preset: str | None = arg(None, "named group of settings, applied before the other flags")
@@ -511,20 +515,28 @@ def training_roles(args: Args) -> list[str]:
     return list(dict.fromkeys(roles))
 
 
-def load_data(args: Args) -> dict:
-    """All sentences a run needs, as AbsaSentence lists (limits applied)."""
+def load_data(args: Args, record: dict | None = None) -> dict:
+    """All sentences a run needs, as AbsaSentence lists (limits applied). `record`, when given,
+    receives the sentences used of each file (the first N; saved as data_subsets.json)."""
     data_dir = args.data_dir or None
-    train = {}
-    for role in training_roles(args):
-        sents = load_xabsa(ROLE_FILES[role].format(lang=args.lang), data_dir, args.domain)
-        train[role] = sents[: args.limit_train] if args.limit_train else sents
+    xabsa = Path(data_dir or shared_data_dir()) / "xabsa"
+    if xabsa.is_dir() and not (xabsa / args.domain).is_dir():
+        raise UsageError(f"--domain {args.domain}: allowed are "
+                         f"{', '.join(sorted(d.name for d in xabsa.iterdir() if d.is_dir()))} (folders of {xabsa})")
+    files: dict[str, dict] = {}
+
+    def load(name: str, limit: int | None) -> list[AbsaSentence]:
+        sents = load_xabsa(name, data_dir, args.domain)
+        files[name] = {"n_all": len(sents), "first": min(len(sents), limit or len(sents))}
+        return sents[:limit] if limit else sents
+
+    train = {role: load(ROLE_FILES[role].format(lang=args.lang), args.limit_train) for role in training_roles(args)}
     dev_lang = "en" if select_dev_lang(args) == "en" else args.lang
-    dev = load_xabsa(f"gold-{dev_lang}-dev", data_dir, args.domain)
+    dev = load(f"gold-{dev_lang}-dev", args.limit_eval)
     eval_langs = args.eval_langs or [args.lang]
-    tests = {lang: load_xabsa(f"gold-{lang}-test", data_dir, args.domain) for lang in eval_langs}
-    if args.limit_eval:
-        dev = dev[: args.limit_eval]
-        tests = {k: v[: args.limit_eval] for k, v in tests.items()}
+    tests = {lang: load(f"gold-{lang}-test", args.limit_eval) for lang in eval_langs}
+    if record is not None:
+        record.update({"domain": args.domain, "files": files})
     return {"train": train, "dev": dev, "dev_lang": dev_lang, "tests": tests}
 
 
@@ -983,31 +995,46 @@ def run_stage(ctx: dict, stage: str, model: Tagger, total: int, state: dict | No
         samplers["critic_tgt"] = Batches(len(tgt_pool), args.batch_size, seed + 4)
 
     step, history, best, train_time, sentences, wall_before = 0, [], None, 0.0, 0, 0.0
+    sums: dict[str, float] = {}  # training-loss sums since the last evaluation
     if state is not None:
-        load_saved_state(model, state["model"], f"--resume {run_dir}")
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        if critic is not None:
-            critic.load_state_dict(state["critic"])
-            critic_opt.load_state_dict(state["critic_opt"])
-        for k, s in samplers.items():
-            s.load_state_dict(state["samplers"][k])
-        utils.set_rng_state(state["rng"])
+        with utils.restoring(run_dir):
+            load_saved_state(model, state["model"], f"--resume {run_dir}")
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["scheduler"])
+            scaler.load_state_dict(state["scaler"])
+            if critic is not None:
+                critic.load_state_dict(state["critic"])
+                critic_opt.load_state_dict(state["critic_opt"])
+            for k, s in samplers.items():
+                s.load_state_dict(state["samplers"][k])
+            utils.set_rng_state(state["rng"])
         step, history, best = state["step"], state["history"], state["best"]
         train_time, sentences, wall_before = state["train_time"], state["sentences"], state["wall_s"]
+        sums = dict(state.get("sums", {}))
     end = min(total, args.max_steps) if args.max_steps else total
     window = min(args.select_from, end) if stage == "train" else 0
     model.train()
-    sums: dict[str, float] = {}
     t_stage = time.time()
+
+    def checkpoint() -> None:
+        utils.save_checkpoint(run_dir, {
+            "stage": stage, "step": step, "model": saved_state(model), "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(), "scaler": scaler.state_dict(),
+            "critic": critic.state_dict() if critic is not None else None,
+            "critic_opt": critic_opt.state_dict() if critic_opt is not None else None,
+            "samplers": {k: s.state_dict() for k, s in samplers.items()}, "rng": utils.rng_state(),
+            "history": history, "best": best, "train_time": train_time, "sentences": sentences,
+            "wall_s": wall_before + time.time() - t_stage, "completed": ctx["completed"], "sums": sums,
+            "skipped_nonfinite": ctx["skipped"], "metrics_lines": ctx["metrics"].lines})
+
     bar = tqdm(total=end, initial=step, desc=stage, leave=False, dynamic_ncols=True, disable=None)
     stop = ctx["stop"]
     while step < end:
-        if stop:
-            print(f"\ninterrupted at {stage} step {step}; the last checkpoint is kept. "
-                  f"Resume with: python msmo.py --resume {run_dir}")
-            sys.exit(130)
+        if stop:  # Ctrl-C / SIGTERM: checkpoint this step (the samplers' state says which batch comes next)
+            checkpoint()
+            print(f"\ninterrupted at {stage} step {step}; checkpoint saved. "
+                  f"Resume with: python msmo.py --resume {run_dir}", flush=True)
+            sys.exit(utils.EXIT_INTERRUPTED)
         t0 = time.time()
         idx = samplers["ce"].next()
         phase = phase_at(step, args) if stage == "train" else "distill"
@@ -1029,24 +1056,28 @@ def run_stage(ctx: dict, stage: str, model: Tagger, total: int, state: dict | No
                           make_batch([tgt_pool[i] for i in samplers["critic_tgt"].next()], pad_id, device))
                          for _ in range(n_critic)]
             loss, terms = msmo_step(model, critic, critic_opt, batch, args, phase, n_critic, amp, fresh)
-        utils.check_finite(loss, step, terms)
-        opt.zero_grad(set_to_none=True)
-        if critic_opt is not None and args.adversary == "grl":
-            critic_opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.unscale_(opt)
-        torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
-        scaler.step(opt)
-        if critic_opt is not None and args.adversary == "grl":
-            scaler.step(critic_opt)
-        scaler.update()
+        finite = utils.check_finite(loss, step, terms, args.skip_nonfinite)
+        if finite:
+            opt.zero_grad(set_to_none=True)
+            if critic_opt is not None and args.adversary == "grl":
+                critic_opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+            scaler.step(opt)
+            if critic_opt is not None and args.adversary == "grl":
+                scaler.step(critic_opt)
+            scaler.update()
+        else:  # --skip-nonfinite: no backward pass, no encoder update (the critic's own updates of
+            ctx["skipped"] += 1  # this step, on detached features, have happened already)
         sched.step()
         step += 1
         sentences += batch["input_ids"].shape[0] + (batch["pairs"]["input_ids"].shape[0] if batch["pairs"] else 0)
         train_time += time.time() - t0
-        for k, v in terms.items():
-            sums[k] = sums.get(k, 0.0) + float(v)
-        sums["n"] = sums.get("n", 0) + 1
+        if finite:
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+            sums["n"] = sums.get("n", 0) + 1
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.4f}", phase=phase)
         if step % args.eval_every and step != end:
@@ -1065,20 +1096,19 @@ def run_stage(ctx: dict, stage: str, model: Tagger, total: int, state: dict | No
             utils.atomic_torch_save({"model": saved_state(model), "step": step, "stage": stage,
                                      "dev_f1": dev}, run_dir / ctx["best_files"][stage])
         train_log = {k: v / sums["n"] for k, v in sums.items() if k != "n"}
+        if args.skip_nonfinite:
+            train_log["skipped_nonfinite"] = ctx["skipped"]
         sums = {}
         ctx["metrics"].write(step_offset + step, "eval", stage=stage, stage_step=step, phase=phase,
                              lr=opt.param_groups[0]["lr"], **res, **train_log)
         tqdm.write(f"{stage} step {step:5d}  " + "  ".join(f"{k} {v:.2f}" for k, v in res.items())
                    + "  " + "  ".join(f"{k} {v:.4f}" for k, v in train_log.items()))
-        utils.save_checkpoint(run_dir, {
-            "stage": stage, "step": step, "model": saved_state(model), "optimizer": opt.state_dict(),
-            "scheduler": sched.state_dict(), "scaler": scaler.state_dict(),
-            "critic": critic.state_dict() if critic is not None else None,
-            "critic_opt": critic_opt.state_dict() if critic_opt is not None else None,
-            "samplers": {k: s.state_dict() for k, s in samplers.items()}, "rng": utils.rng_state(),
-            "history": history, "best": best, "train_time": train_time, "sentences": sentences,
-            "wall_s": wall_before + time.time() - t_stage, "completed": ctx["completed"]})
+        checkpoint()
     bar.close()
+    if stop:  # Ctrl-C during the stage's last step: its checkpoint was written at its last evaluation
+        print(f"\ninterrupted at the end of {stage} (step {step}); checkpoint saved. "
+              f"Resume with: python msmo.py --resume {run_dir}", flush=True)
+        sys.exit(utils.EXIT_INTERRUPTED)
     final = history[-1] if history else {}
     return {"final": final, "best": best or final, "steps": step, "history": history,
             "wall_s": round(wall_before + time.time() - t_stage, 2), "train_time_s": round(train_time, 2),
@@ -1155,20 +1185,30 @@ def method_label(args: Args) -> str:
     return label + ("_distill" if args.distill else "")
 
 
+CHECKPOINT_KEYS = ("stage", "step", "model", "optimizer", "scheduler", "scaler", "critic", "critic_opt", "samplers",
+                   "rng", "history", "best", "train_time", "sentences", "wall_s")
+
+
 def main(args: Args) -> dict:
     validate(args)
     resume = None
-    if args.resume:  # continue a run: its own arguments, its directory, its last checkpoint
-        saved = utils.load_resume_args(args.resume)
-        resume = utils.load_checkpoint(args.resume)
-        args = Args(**{**saved, "resume": args.resume})
+    if args.resume:  # continue a run: its own arguments, its directory, its last checkpoint (None: start over)
+        # the run's own arguments; only the step limit may change, when given with --resume (as in lacol.py)
+        given = {"max_steps": args.max_steps} if "max_steps" in utils.flags_given(args) else {}
+        args, resume = utils.resume_run(Args, args.resume, {"resume": args.resume, **given})
+        validate(args)
+        if resume is not None:
+            utils.require_keys(resume, CHECKPOINT_KEYS, args.resume)
+    else:
+        utils.check_out_dir(args.out_dir)
     device = utils.resolve_device(args.device)
     amp_dtype, use_scaler = utils.resolve_precision(args.precision, device)
     utils.seed_everything(args.seed, args.deterministic)
     torch.set_float32_matmul_precision("high")
 
     # ---- data, model and teachers (before the run directory exists: a failure writes nothing)
-    data = load_data(args)
+    data_record: dict = {}
+    data = load_data(args, data_record)
     for d in args.teachers:
         check_trained_run(d, "--teachers", args)
     if args.student_init:
@@ -1182,25 +1222,40 @@ def main(args: Args) -> dict:
     enc = encode_data(args, data, tokenizer)
     if args.method != "distill" and not enc["ce_pool"]:
         raise UsageError(f"--method {args.method}: no training sentences")
-    if resume is not None:
+    if args.method != "distill" and args.batch_size > len(enc["ce_pool"]):
+        raise UsageError(f"--batch-size {args.batch_size}: larger than the {len(enc['ce_pool'])} training sentences")
+    if (args.method == "distill" or args.distill) and args.batch_size > len(enc["enc"]["gold_tgt"]):
+        raise UsageError(f"--batch-size {args.batch_size}: larger than the {len(enc['enc']['gold_tgt'])} unlabeled "
+                         f"gold-{args.lang}-train sentences of the distillation")
+    if args.method == "msmo" and args.cons and enc["pairs"] and args.cons_batch > len(enc["pairs"]):
+        raise UsageError(f"--cons-batch {args.cons_batch}: larger than the {len(enc['pairs'])} aligned sentence pairs")
+    stages = ["distill"] if args.method == "distill" else ["train", "distill"] if args.distill else ["train"]
+    if resume is not None and resume["stage"] not in stages:
+        raise MissingError(f"--resume {args.resume}: checkpoint.pt does not fit this run (stage {resume['stage']})")
+    if args.resume:
         run_dir = Path(args.resume)
     else:
         name = utils.run_name(method_label(args), f"xabsa_{args.domain}", f"en-{args.lang}", args.seed,
                               args.exp_name)
         run_dir = utils.make_run_dir(args.out_dir, name)
         utils.atomic_write_json(run_dir / "args.json", dataclasses.asdict(args))
+    if resume is None:  # a new run, or one that stopped before its first checkpoint (it starts over)
+        utils.atomic_write_json(run_dir / "data_subsets.json", data_record)
     metrics = utils.MetricsWriter(run_dir, args.track)
     ctx = {"args": args, "device": device, "amp_dtype": amp_dtype, "use_scaler": use_scaler, "run_dir": run_dir,
            "data": data, "enc": enc, "pad_id": tokenizer.pad_token_id, "tags": tags, "metrics": metrics,
-           "completed": {}, "stop": utils.StopFlag(), "best_files": best_files(args)}
-    stages = ["distill"] if args.method == "distill" else ["train", "distill"] if args.distill else ["train"]
+           "completed": {}, "stop": utils.StopFlag(), "best_files": best_files(args), "skipped": 0}
     start = 0
     if resume is not None:
         ctx["completed"] = resume.get("completed", {})
+        ctx["skipped"] = resume.get("skipped_nonfinite", 0)
         start = stages.index(resume["stage"])
         offset = sum(r["steps"] for r in ctx["completed"].values())
-        metrics.truncate_after(offset + resume["step"])
+        metrics.resume(resume, offset + resume["step"])
         print(f"resuming {run_dir}: stage {resume['stage']} at step {resume['step']}")
+    elif args.resume:
+        metrics.resume(None, 0)
+        print(f"resuming {run_dir}: it stopped before its first checkpoint, so it starts over")
     beta = resolve_beta(args) if args.method == "msmo" and args.cons else None
     what = (f"{len(enc['ce_pool'])} training sentences" if args.method != "distill"
             else f"{len(enc['enc']['gold_tgt'])} unlabeled gold-{args.lang}-train sentences")
@@ -1264,6 +1319,7 @@ def main(args: Args) -> dict:
         "samples_per_s": round(sum(r["sentences"] for r in per_stage.values()) / max(train_time, 1e-9), 2),
         "step_s": round(train_time / max(sum(r["steps"] for r in per_stage.values()), 1), 4),
         "process_wall_s": round(time.time() - t_start, 2),
+        "skipped_nonfinite_steps": ctx["skipped"],
     }
     utils.write_summary(run_dir, summary)
     print(f"done: final {summary['final']}  best {summary['best']}  ->  {run_dir}/summary.json")
