@@ -83,7 +83,8 @@ def average_stats(avg: Average, by_id: dict[str, Run], data: dict) -> dict:
     """Per seed, the mean of the runs' primary numbers (seeds that every run has), then over seeds."""
     per_run = []
     for rid in avg.runs:
-        v = views_of(by_id[rid])[0]
+        vs = views_of(by_id[rid])
+        v = next(x for x in vs if x.name == avg.view) if avg.view else vs[0]
         per_run.append((values(data.get(rid, []), v.best), values(data.get(rid, []), v.last)))
     seeds = set.intersection(*(set(b) & set(l) for b, l in per_run)) if per_run else set()
     best = {s: sum(b[s] for b, _ in per_run) / len(per_run) for s in sorted(seeds)}
