@@ -2,7 +2,8 @@
 
 (a) Reproducibility: the same arguments and seed give the same metrics.jsonl records (the
     wall-clock field aside) and summary.json, bit for bit, on CPU; each run saves what defines
-    its data (lacol.py: labels.npz; the text scripts: data_subsets.json).
+    its data (lacol.py: labels.npz; the text scripts: data_subsets.json); a second run of the
+    same name gets a new directory and leaves the first one as it was.
 (b) Resume: a run killed with SIGKILL at a random point (after a number of evaluation records
     and a delay both drawn from a fixed seed) and continued with `--resume RUN_DIR` ends with
     the same records and summary as an uninterrupted run (conlst.py: killed in a stage after
@@ -120,8 +121,11 @@ def reference(tmp_path_factory):
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_same_seed_gives_identical_metrics_and_saves_its_data(script, reference, tmp_path):
     ref, _ = reference(script)
-    run_in_process(script, [*CONFIGS[script], "--out-dir", str(tmp_path), "--exp-name", "again"])
-    run = tmp_path / "again"
+    before = tree(ref)
+    # the same arguments, even the same --out-dir and --exp-name: a new directory, the first run untouched
+    run_in_process(script, [*CONFIGS[script], "--out-dir", str(ref.parent), "--exp-name", "ref"])
+    run = ref.parent / "ref-2"
+    assert tree(ref) == before
     assert len(records(ref)) == N_RECORDS[script]
     assert records(run) == records(ref)
     assert summary(run) == summary(ref)
