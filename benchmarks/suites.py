@@ -431,7 +431,8 @@ SUITES: dict[str, Suite] = {
                  averages=_conlst_averages() + _msmo_averages("cpu", "MSMO on XABSA (e5-small, 240 steps, CPU scale)",
                                                               "mbert")),
     "smoke": Suite("smoke", _lacol_smoke() + _text_smoke(), (0, 1), description="every script and major flag for a few steps"),
-    "speed": Suite("speed", [Run(f"speed_{m}", "-m benchmarks.speed", ("--method", m), "speed", metric="ratio",
+    "speed": Suite("speed", [Run(f"speed_{m}", "-m benchmarks.speed",
+                                 ("--method", m) + (("--reps", "8") if m == "conlst" else ()), "speed", metric="ratio",
                                  higher_is_better=False, curve=None, views=_speed_views(m))
                              for m in ("lacol", "scal", "uscal", "conlst", "msmo")], (0,),
                    description="method step time / baseline step time in one process"),
