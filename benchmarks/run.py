@@ -27,7 +27,7 @@ from pathlib import Path
 from benchmarks.suites import SUITES, Run
 
 ROOT = Path(__file__).resolve().parent.parent
-SMALL_FILES = ("args.json", "metrics.jsonl", "summary.json")
+SMALL_FILES = ("args.json", "data_subsets.json", "metrics.jsonl", "summary.json")
 THREADS: int | None = None  # --threads
 
 
@@ -106,9 +106,11 @@ def copy_small_files(d: Path, results_dir: Path | None) -> None:
         return
     dest = results_dir / d.name
     dest.mkdir(parents=True, exist_ok=True)
-    for f in SMALL_FILES:
+    for f in SMALL_FILES:  # summary.json last: its presence means the rest is there
         if (d / f).exists():
-            shutil.copy2(d / f, dest / f)
+            tmp = dest / f".{f}.tmp"
+            shutil.copy2(d / f, tmp)
+            os.replace(tmp, dest / f)  # atomic: a kill leaves the previous complete file
 
 
 def submit_slurm(jobs: list[tuple[Run, int]], out: Path, args) -> None:
