@@ -97,9 +97,8 @@ def claim_values(name: str, path: str | None, which: str, by_id: dict, averages:
     if name in averages:
         return average_stats(averages[name], by_id, data)[key]
     run = by_id[name]
-    if path is None:
-        v = views_of(run)[0]
-        path = v.last if which == "final" else v.best
+    if path is None:  # the run's own metric (not its first view: uscal's first view is STS12)
+        path = f"{'final' if which == 'final' else 'best'}.{run.metric}"
     return mean_std(list(values(data.get(name, []), path).values()))
 
 
