@@ -9,7 +9,14 @@ skipped, one with a checkpoint but no summary is resumed (`--resume`), so an int
 benchmark continues where it stopped. A failed run is recorded in failures.jsonl (command,
 exit code, the end of its stderr) and the others go on. `--results-dir` copies each finished
 run's small files (args, metrics, summary) there, e.g. benchmarks/results/cpu/runs/, so they
-can be committed as they complete.
+can be committed as they complete; a run already there is skipped too, so a benchmark spread
+over several machines or sessions continues from what was committed.
+
+A run whose arguments name another run's folder (`{out}/<id>__seed<S>`: conlst.py's
+--stage0-from, MSMO-Distill's --teachers) waits for that run. Checkpoints are never
+committed, so when the run it needs is only in --results-dir it is run again first to rebuild
+its model; the rerun's metrics are compared with the committed ones (reruns.jsonl) and the
+committed files are left as they are.
 """
 
 from __future__ import annotations
@@ -17,7 +24,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
+import threading
 import subprocess
 import sys
 import time
@@ -61,23 +70,79 @@ def command(run: Run, seed: int, out: Path, python: str = sys.executable) -> lis
     return [python, *script, *args, "--seed", str(seed), "--out-dir", str(out), "--exp-name", d.name]
 
 
-def status(run: Run, seed: int, out: Path) -> str:
+NEEDS = re.compile(r"\{out\}/([A-Za-z0-9_.-]+?)__seed(\{seed\}|\d+)")
+
+
+def needs(run: Run, seed: int) -> list[tuple[str, int]]:
+    """The (run id, seed) pairs whose output folders this run's arguments name."""
+    found = []
+    for a in run.args:
+        for rid, sd in NEEDS.findall(a):
+            key = (rid, seed if sd == "{seed}" else int(sd))
+            if key not in found:
+                found.append(key)
+    return found
+
+
+def status(run: Run, seed: int, out: Path, results_dir: Path | None = None) -> str:
     d = run_dir(out, run, seed)
     if (d / "summary.json").exists():
         return "done"
     if (d / "checkpoint.pt").exists():
         return "resume"
+    if results_dir is not None and (results_dir / d.name / "summary.json").exists():
+        return "committed"
     return "todo"
 
 
-def execute(run: Run, seed: int, out: Path, results_dir: Path | None, log=print) -> dict:
+def schedule(jobs: list[tuple[Run, int]], suite: str, out: Path, results_dir: Path | None,
+             ) -> tuple[list[tuple[Run, int]], set[tuple[str, int]]]:
+    """The jobs with the runs they need put before them. A needed run that is only committed
+    (its folder, with the model, is not in `out`) must run again: it is returned in `rerun`."""
+    by_id = {r.id: r for r in SUITES[suite].runs}
+    ordered: list[tuple[Run, int]] = []
+    rerun: set[tuple[str, int]] = set()
+
+    def add(run: Run, seed: int, chain: tuple = ()) -> None:
+        if any((r.id, s) == (run.id, seed) for r, s in ordered):
+            return
+        if status(run, seed, out, results_dir) not in ("done", "committed"):
+            for rid, sd in needs(run, seed):
+                if rid not in by_id or (rid, sd) in chain:
+                    continue  # not a run of this suite (a user's folder) or a cycle
+                if status(by_id[rid], sd, out, results_dir) == "committed":
+                    rerun.add((rid, sd))
+                add(by_id[rid], sd, chain + ((run.id, seed),))
+        ordered.append((run, seed))
+
+    for run, seed in jobs:
+        add(run, seed)
+    return ordered, rerun
+
+
+def execute(run: Run, seed: int, out: Path, results_dir: Path | None, log=print, rerun: bool = False,
+            wait: dict | None = None) -> dict:
+    """Run one job (or skip it). `wait` maps (id, seed) to an Event set when that job has ended,
+    with `.ok` telling whether it succeeded: a job waits for the runs it needs."""
     d = run_dir(out, run, seed)
-    st = status(run, seed, out)
+    for key in needs(run, seed):
+        if wait and key in wait:
+            wait[key].wait()
+            if not wait[key].ok:
+                msg = f"the run it needs, {key[0]}__seed{key[1]}, did not finish"
+                log(f"FAILED {d.name}: {msg}")
+                return _failure(run, seed, out, [], -1, msg)
+    st = status(run, seed, out, results_dir)
     if st == "done":
         log(f"skip   {d.name} (summary.json exists)")
         copy_small_files(d, results_dir)
         return {"id": run.id, "seed": seed, "status": "skipped"}
-    if st == "todo" and d.exists():
+    if st == "committed" and not rerun:
+        log(f"skip   {d.name} (committed in {results_dir})")
+        return {"id": run.id, "seed": seed, "status": "skipped"}
+    if st == "committed":
+        log(f"rerun  {d.name}: a later run needs its model, which is not kept with the committed results")
+    if st in ("todo", "committed") and d.exists():
         shutil.rmtree(d)  # a start that died before its first checkpoint: begin again
     cmd = command(run, seed, out)
     log(("resume " if st == "resume" else "run    ") + " ".join(cmd))
@@ -88,17 +153,48 @@ def execute(run: Run, seed: int, out: Path, results_dir: Path | None, log=print)
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
     rec = {"id": run.id, "seed": seed, "cmd": cmd, "returncode": p.returncode, "wall_s": round(time.time() - t, 1)}
     if p.returncode != 0:
-        rec["status"] = "failed"
-        rec["stderr_tail"] = p.stderr[-2000:]
-        out.mkdir(parents=True, exist_ok=True)
-        with open(out / "failures.jsonl", "a") as fh:
-            fh.write(json.dumps({**rec, "time": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n")
+        rec = _failure(run, seed, out, cmd, p.returncode, p.stderr, rec["wall_s"])
         log(f"FAILED {d.name} (exit {p.returncode}): {p.stderr.strip().splitlines()[-1] if p.stderr.strip() else ''}")
+    elif st == "committed":
+        rec["status"] = "ok"
+        rec["same_as_committed"] = compare_rerun(d, results_dir / d.name, out)
+        log(f"done   {d.name} in {rec['wall_s']} s (rerun; metrics "
+            f"{'identical to' if rec['same_as_committed'] else 'DIFFERENT from'} the committed ones)")
     else:
         rec["status"] = "ok"
         copy_small_files(d, results_dir)
         log(f"done   {d.name} in {rec['wall_s']} s")
     return rec
+
+
+def _failure(run: Run, seed: int, out: Path, cmd: list[str], code: int, stderr: str, wall_s: float = 0.0) -> dict:
+    rec = {"id": run.id, "seed": seed, "cmd": cmd, "returncode": code, "wall_s": wall_s, "status": "failed",
+           "stderr_tail": stderr[-2000:]}
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "failures.jsonl", "a") as fh:
+        fh.write(json.dumps({**rec, "time": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n")
+    return rec
+
+
+def compare_rerun(new: Path, committed: Path, out: Path) -> bool:
+    """Whether a rerun reproduced the committed run: its best and final metrics (timings aside)
+    and its evaluation records (wall-clock fields aside). Logged in out/reruns.jsonl."""
+    volatile = {"elapsed_s", "wall_s", "samples_per_s", "train_time_s", "step_s"}
+
+    def records(d: Path) -> list[dict]:
+        with open(d / "metrics.jsonl") as fh:
+            return [{k: v for k, v in json.loads(x).items() if k not in volatile} for x in fh if x.strip()]
+
+    def metrics(d: Path) -> dict:
+        s = json.loads((d / "summary.json").read_text())
+        return {k: {m: v for m, v in s[k].items() if m not in volatile} if isinstance(s[k], dict) else s[k]
+                for k in ("best", "final") if k in s}
+
+    same = metrics(new) == metrics(committed) and records(new) == records(committed)
+    with open(out / "reruns.jsonl", "a") as fh:
+        fh.write(json.dumps({"run": new.name, "same_as_committed": same, "time": time.strftime("%Y-%m-%d %H:%M:%S")})
+                 + "\n")
+    return same
 
 
 def copy_small_files(d: Path, results_dir: Path | None) -> None:
@@ -152,17 +248,32 @@ def main(argv: list[str] | None = None) -> int:
     if not jobs:
         print(f"no runs in suite {args.suite} match --only {args.only}", file=sys.stderr)
         return 2
+    results = Path(args.results_dir) if args.results_dir else None
+    jobs, rerun = schedule(jobs, args.suite, out, results)
     if args.dry_run:
         for run, seed in jobs:
-            print(f"[{status(run, seed, out):6s}] {run.group} | {run.row or '-'}\n    " + " ".join(command(run, seed, out, "python")))
-        print(f"{len(jobs)} runs ({sum(status(r, s, out) == 'done' for r, s in jobs)} done)")
+            st = "rerun" if (run.id, seed) in rerun else status(run, seed, out, results)
+            print(f"[{st:6s}] {run.group} | {run.row or '-'}\n    " + " ".join(command(run, seed, out, "python")))
+        print(f"{len(jobs)} runs ({sum(status(r, s, out, results) in ('done', 'committed') for r, s in jobs)} done"
+              f"{f', {len(rerun)} of them to rerun for their models' if rerun else ''})")
         return 0
     if args.launcher == "slurm":
         submit_slurm(jobs, out, args)
         return 0
-    results = Path(args.results_dir) if args.results_dir else None
+    wait = {(r.id, s): threading.Event() for r, s in jobs}
+
+    def job(j: tuple[Run, int]) -> dict:
+        key = (j[0].id, j[1])
+        try:
+            rec = execute(j[0], j[1], out, results, rerun=key in rerun, wait=wait)
+        except Exception as e:  # noqa: BLE001 - the runner records it and goes on
+            rec = _failure(j[0], j[1], out, [], -1, f"{type(e).__name__}: {e}")
+        wait[key].ok = rec["status"] != "failed"
+        wait[key].set()
+        return rec
+
     with ThreadPoolExecutor(max_workers=max(1, args.workers)) as pool:
-        recs = list(pool.map(lambda j: execute(j[0], j[1], out, results), jobs))
+        recs = list(pool.map(job, jobs))
     failed = [r for r in recs if r["status"] == "failed"]
     print(f"{len(recs)} runs: {sum(r['status'] == 'ok' for r in recs)} ran, "
           f"{sum(r['status'] == 'skipped' for r in recs)} skipped, {len(failed)} failed"

@@ -189,3 +189,52 @@ def test_placeholders_phases_views_averages_and_claims_on_paths(monkeypatch, tmp
     assert "| avg of m above 50 (best vs avg.best) | 51.00 ± 1.41 | 45.50 ± 0.71 | yes |" in text
     # the regression check reads the first view's last value
     assert check.fresh_values("toy2", tmp_path)["multi"]["values"] == [41.0, 41.0]
+
+
+def test_committed_runs_are_skipped_and_needed_ones_rerun_and_compared(monkeypatch, tmp_path):
+    """A run already in --results-dir is skipped; a later run that needs its folder (its model)
+    makes it run again first, and the rerun is compared with the committed metrics."""
+    s = Suite("toy3", [Run("base", "x.py", (), "G"), Run("other", "x.py", (), "G"),
+                       Run("dep", "x.py", ("--from", "{out}/base__seed{seed}", "--t", "{out}/other__seed0"), "G",
+                           phase=1)], (0, 1))
+    for mod in (suites, run):
+        monkeypatch.setitem(mod.SUITES, "toy3", s)
+    out, results = tmp_path / "out", tmp_path / "results"
+    assert run.needs(s.runs[2], 1) == [("base", 1), ("other", 0)]
+    for rid in ("base", "other"):
+        for seed in (0, 1):
+            _write_run(results, rid, seed, [1.0, 2.0 + seed])
+    assert run.status(s.runs[0], 0, out, results) == "committed"
+    jobs, rerun = run.schedule(run.expand("toy3", None, ["dep"]), "toy3", out, results)
+    # each dep job comes after what it needs; other__seed1 is not needed and not scheduled
+    assert [(r.id, sd) for r, sd in jobs] == [("base", 0), ("other", 0), ("dep", 0), ("base", 1), ("dep", 1)]
+    assert rerun == {("base", 0), ("other", 0), ("base", 1)}
+    # without a dependent, a committed run is skipped
+    assert run.execute(s.runs[1], 1, out, results, log=lambda *x: None)["status"] == "skipped"
+    assert not (out / "other__seed1").exists()
+
+    # a rerun that reproduces the committed metrics, and one that does not
+    def fake_run(cmd, **kw):
+        name = cmd[cmd.index("--exp-name") + 1]
+        seed = int(name[-1])
+        _write_run(out, name.split("__")[0], seed, [1.0, 2.0 + seed + (0.5 if name == "base__seed1" else 0.0)])
+        return type("P", (), {"returncode": 0, "stderr": ""})()
+
+    monkeypatch.setattr(run.subprocess, "run", fake_run)
+    committed_before = (results / "base__seed1" / "summary.json").read_text()
+    assert run.execute(s.runs[0], 0, out, results, log=lambda *x: None, rerun=True)["same_as_committed"] is True
+    assert run.execute(s.runs[0], 1, out, results, log=lambda *x: None, rerun=True)["same_as_committed"] is False
+    assert (results / "base__seed1" / "summary.json").read_text() == committed_before  # committed files kept
+    logged = [json.loads(x) for x in (out / "reruns.jsonl").read_text().splitlines()]
+    assert [(r["run"], r["same_as_committed"]) for r in logged] == [("base__seed0", True), ("base__seed1", False)]
+
+
+def test_a_run_whose_dependency_failed_is_recorded_and_not_started(tmp_path, monkeypatch):
+    dep = Run("dep", "x.py", ("--from", "{out}/base__seed{seed}"), "G")
+    ev = run.threading.Event()
+    ev.ok = False
+    ev.set()
+    monkeypatch.setattr(run.subprocess, "run", lambda *a, **k: pytest.fail("must not start"))
+    rec = run.execute(dep, 0, tmp_path, None, log=lambda *x: None, wait={("base", 0): ev})
+    assert rec["status"] == "failed" and "base__seed0" in rec["stderr_tail"]
+    assert json.loads((tmp_path / "failures.jsonl").read_text())["id"] == "dep"
