@@ -238,3 +238,21 @@ def test_a_run_whose_dependency_failed_is_recorded_and_not_started(tmp_path, mon
     rec = run.execute(dep, 0, tmp_path, None, log=lambda *x: None, wait={("base", 0): ev})
     assert rec["status"] == "failed" and "base__seed0" in rec["stderr_tail"]
     assert json.loads((tmp_path / "failures.jsonl").read_text())["id"] == "dep"
+
+
+def test_a_one_seed_row_takes_its_groups_seed_spread(tmp_path):
+    """A single-seed baseline row is checked with the largest seed std of its group's
+    several-seed rows, not with the floor alone; other groups keep their own spread."""
+    base = {"runs": {
+        "g_multi": {"metric": "acc", "mean": 50.0, "std": 5.0, "values": [46.5, 53.5]},
+        "g_one": {"metric": "acc", "mean": 40.0, "std": 0.0, "values": [40.0]},
+        "h_one": {"metric": "acc", "mean": 40.0, "std": 0.0, "values": [40.0]}}}
+    groups = {"g_multi": "G", "g_one": "G", "h_one": "H"}
+    assert check.seed_spread(base, groups) == {"g_multi": 5.0, "g_one": 5.0, "h_one": 0.0}
+
+    def fresh(g_one, h_one):
+        return {"g_multi": {"mean": 50.0}, "g_one": {"mean": g_one}, "h_one": {"mean": h_one}}
+
+    assert check.check(base, fresh(30.0, 39.0), groups=groups) == []  # 10 below: within 3 x 5
+    assert [p.split(":")[0] for p in check.check(base, fresh(20.0, 39.0), groups=groups)] == ["g_one"]  # 20 below
+    assert [p.split(":")[0] for p in check.check(base, fresh(30.0, 37.0), groups=groups)] == ["h_one"]  # floor 2
