@@ -6,7 +6,8 @@
 
 Each run writes to <out-dir>/<suite>/<run id>__seed<S>/. A run whose summary.json exists is
 skipped, one with a checkpoint but no summary is resumed (`--resume`), so an interrupted
-benchmark continues where it stopped. A failed run is recorded in failures.jsonl (command,
+benchmark continues where it stopped. A finished run whose args.json disagrees with an argument
+the suite now gives it explicitly is "stale" and runs again (its new files replace the old). A failed run is recorded in failures.jsonl (command,
 exit code, the end of its stderr) and the others go on. `--results-dir` copies each finished
 run's small files (args, metrics, summary) there, e.g. benchmarks/results/cpu/runs/, so they
 can be committed as they complete; a run already there is skipped too, so a benchmark spread
@@ -84,14 +85,53 @@ def needs(run: Run, seed: int) -> list[tuple[str, int]]:
     return found
 
 
+def _same(expected: list[str], got) -> bool:
+    """Does a value of args.json equal what the command line gave (tokens after the flag)?"""
+    if isinstance(got, bool):
+        return got == ((expected or ["true"])[0].lower() in ("true", "1", "yes"))
+    if isinstance(got, (list, tuple)):
+        return len(got) == len(expected) and all(_same([e], g) for e, g in zip(expected, got))
+    if len(expected) != 1:
+        return False
+    if isinstance(got, (int, float)):
+        try:
+            return float(expected[0]) == float(got)
+        except ValueError:
+            return False
+    return str(got) == expected[0]
+
+
+def stale_args(run: Run, seed: int, d: Path) -> list[str]:
+    """The arguments the suite gives this run explicitly whose value in the finished run's
+    args.json differs: the suite changed after the run was made (a preset's own contents are
+    not checked). Values naming {out} are left out, since the output folder may move."""
+    try:
+        recorded = json.loads((d / "args.json").read_text())
+    except (OSError, ValueError):
+        return []
+    given: dict[str, list[str]] = {}
+    key = None
+    for a in run.args:
+        if a.startswith("--"):
+            key = a[2:].replace("-", "_")
+            given[key] = []
+        elif key is not None:
+            given[key].append(a.replace("{seed}", str(seed)))
+    return [f"--{k.replace('_', '-')}: {recorded[k]!r} in the run, {' '.join(v) or 'true'} in the suite"
+            for k, v in given.items()
+            if k in recorded and not any("{out}" in t for t in v) and not _same(v, recorded[k])]
+
+
 def status(run: Run, seed: int, out: Path, results_dir: Path | None = None) -> str:
+    """todo, done (summary.json in out), resume (a checkpoint, no summary), committed (only in
+    results_dir), or stale (finished, but with arguments the suite no longer gives: run again)."""
     d = run_dir(out, run, seed)
     if (d / "summary.json").exists():
-        return "done"
+        return "stale" if stale_args(run, seed, d) else "done"
     if (d / "checkpoint.pt").exists():
         return "resume"
     if results_dir is not None and (results_dir / d.name / "summary.json").exists():
-        return "committed"
+        return "stale" if stale_args(run, seed, results_dir / d.name) else "committed"
     return "todo"
 
 
@@ -142,7 +182,10 @@ def execute(run: Run, seed: int, out: Path, results_dir: Path | None, log=print,
         return {"id": run.id, "seed": seed, "status": "skipped"}
     if st == "committed":
         log(f"rerun  {d.name}: a later run needs its model, which is not kept with the committed results")
-    if st in ("todo", "committed") and d.exists():
+    if st == "stale":
+        where = d if (d / "summary.json").exists() else results_dir / d.name
+        log(f"stale  {d.name}: made with other arguments ({'; '.join(stale_args(run, seed, where))}), run again")
+    if st in ("todo", "committed", "stale") and d.exists():
         shutil.rmtree(d)  # a start that died before its first checkpoint: begin again
     cmd = command(run, seed, out)
     log(("resume " if st == "resume" else "run    ") + " ".join(cmd))

@@ -256,3 +256,36 @@ def test_a_one_seed_row_takes_its_groups_seed_spread(tmp_path):
     assert check.check(base, fresh(30.0, 39.0), groups=groups) == []  # 10 below: within 3 x 5
     assert [p.split(":")[0] for p in check.check(base, fresh(20.0, 39.0), groups=groups)] == ["g_one"]  # 20 below
     assert [p.split(":")[0] for p in check.check(base, fresh(30.0, 37.0), groups=groups)] == ["h_one"]  # floor 2
+
+
+def test_a_run_made_with_other_explicit_arguments_is_stale_and_runs_again(tmp_path, monkeypatch):
+    """After a suite changes a run's arguments (e.g. a new --lr), the finished run, fresh or
+    committed, no longer counts as done: it runs again and its files replace the old ones."""
+    r = Run("a", "x.py", ("--preset", "cpu", "--lr", "1e-4", "--langs", "fr", "de", "--wo-st",
+                          "--from", "{out}/base__seed{seed}"), "G")
+    out, results = tmp_path / "out", tmp_path / "results"
+    d = _write_run(results, "a", 0, [1.0, 2.0])
+    args = {"preset": "cpu", "lr": 0.0001, "langs": ["fr", "de"], "wo_st": True, "from": "elsewhere/base__seed0",
+            "seed": 0}
+    (d / "args.json").write_text(json.dumps(args))
+    assert run.stale_args(r, 0, d) == [] and run.status(r, 0, out, results) == "committed"
+    for change, flag in (({"lr": 3e-5}, "--lr"), ({"langs": ["fr"]}, "--langs"), ({"wo_st": False}, "--wo-st"),
+                         ({"preset": "cpu-pairs"}, "--preset")):
+        (d / "args.json").write_text(json.dumps({**args, **change}))
+        assert [x.split(":")[0] for x in run.stale_args(r, 0, d)] == [flag]
+        assert run.status(r, 0, out, results) == "stale"
+    # a fresh run folder is checked the same way
+    fresh = _write_run(out, "a", 0, [5.0])
+    (fresh / "args.json").write_text(json.dumps({**args, "lr": 3e-5}))
+    assert run.status(r, 0, out, results) == "stale"
+
+    def fake_run(cmd, **kw):
+        assert not fresh.exists()  # the stale folder was cleared first
+        d2 = _write_run(out, "a", 0, [7.0])
+        (d2 / "args.json").write_text(json.dumps(args))
+        return type("P", (), {"returncode": 0, "stderr": ""})()
+
+    monkeypatch.setattr(run.subprocess, "run", fake_run)
+    assert run.execute(r, 0, out, results, log=lambda *x: None)["status"] == "ok"
+    assert json.loads((results / "a__seed0" / "summary.json").read_text())["best"]["acc"] == 7.0
+    assert run.status(r, 0, out, results) == "done"
