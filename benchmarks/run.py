@@ -6,8 +6,9 @@
 
 Each run writes to <out-dir>/<suite>/<run id>__seed<S>/. A run whose summary.json exists is
 skipped, one with a checkpoint but no summary is resumed (`--resume`), so an interrupted
-benchmark continues where it stopped. A finished run whose args.json disagrees with an argument
-the suite now gives it explicitly is "stale" and runs again (its new files replace the old). A failed run is recorded in failures.jsonl (command,
+benchmark continues where it stopped. A finished or started run whose args.json disagrees with
+an argument the suite now gives it explicitly is "stale" and runs again from the start (its new
+files replace the old). A failed run is recorded in failures.jsonl (command,
 exit code, the end of its stderr) and the others go on. `--results-dir` copies each finished
 run's small files (args, metrics, summary) there, e.g. benchmarks/results/cpu/runs/, so they
 can be committed as they complete; a run already there is skipped too, so a benchmark spread
@@ -124,12 +125,13 @@ def stale_args(run: Run, seed: int, d: Path) -> list[str]:
 
 def status(run: Run, seed: int, out: Path, results_dir: Path | None = None) -> str:
     """todo, done (summary.json in out), resume (a checkpoint, no summary), committed (only in
-    results_dir), or stale (finished, but with arguments the suite no longer gives: run again)."""
+    results_dir), or stale (finished or started with arguments the suite no longer gives: run
+    again from the start)."""
     d = run_dir(out, run, seed)
     if (d / "summary.json").exists():
         return "stale" if stale_args(run, seed, d) else "done"
     if (d / "checkpoint.pt").exists():
-        return "resume"
+        return "stale" if stale_args(run, seed, d) else "resume"
     if results_dir is not None and (results_dir / d.name / "summary.json").exists():
         return "stale" if stale_args(run, seed, results_dir / d.name) else "committed"
     return "todo"
@@ -183,7 +185,7 @@ def execute(run: Run, seed: int, out: Path, results_dir: Path | None, log=print,
     if st == "committed":
         log(f"rerun  {d.name}: a later run needs its model, which is not kept with the committed results")
     if st == "stale":
-        where = d if (d / "summary.json").exists() else results_dir / d.name
+        where = d if (d / "summary.json").exists() or (d / "checkpoint.pt").exists() else results_dir / d.name
         log(f"stale  {d.name}: made with other arguments ({'; '.join(stale_args(run, seed, where))}), run again")
     if st in ("todo", "committed", "stale") and d.exists():
         shutil.rmtree(d)  # a start that died before its first checkpoint: begin again

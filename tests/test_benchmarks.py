@@ -260,7 +260,8 @@ def test_a_one_seed_row_takes_its_groups_seed_spread(tmp_path):
 
 def test_a_run_made_with_other_explicit_arguments_is_stale_and_runs_again(tmp_path, monkeypatch):
     """After a suite changes a run's arguments (e.g. a new --lr), the finished run, fresh or
-    committed, no longer counts as done: it runs again and its files replace the old ones."""
+    committed, no longer counts as done, and a started one is not resumed: it runs again from
+    the start and its files replace the old ones."""
     r = Run("a", "x.py", ("--preset", "cpu", "--lr", "1e-4", "--langs", "fr", "de", "--wo-st",
                           "--from", "{out}/base__seed{seed}"), "G")
     out, results = tmp_path / "out", tmp_path / "results"
@@ -278,6 +279,12 @@ def test_a_run_made_with_other_explicit_arguments_is_stale_and_runs_again(tmp_pa
     fresh = _write_run(out, "a", 0, [5.0])
     (fresh / "args.json").write_text(json.dumps({**args, "lr": 3e-5}))
     assert run.status(r, 0, out, results) == "stale"
+    (fresh / "summary.json").unlink()  # started, not finished: resumed only with the suite's arguments
+    (fresh / "checkpoint.pt").write_bytes(b"")
+    assert run.status(r, 0, out, results) == "stale"
+    (fresh / "args.json").write_text(json.dumps(args))
+    assert run.status(r, 0, out, results) == "resume"
+    (fresh / "args.json").write_text(json.dumps({**args, "lr": 3e-5}))
 
     def fake_run(cmd, **kw):
         assert not fresh.exists()  # the stale folder was cleared first
