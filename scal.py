@@ -171,7 +171,9 @@ PRESETS = {
                            "model": "roberta-large", "task": "anli", "train_tasks": ["mnli", "snli"],
                            "batch_size": 32, "epochs": 3},
     "cpu": {"_doc": "CPU-scale protocol for the single-sentence tasks (CoLA, SST-2, TREC): MiniLM-L6 (offline), "
-                    "fixed 2,000-example training subset, 3 epochs, best of the 3 evaluations",
+                    "fixed 2,000-example training subset, 3 epochs, best of the 3 evaluations (the CPU suite adds "
+                    "--lr 1e-4 --epochs 5 on CoLA, and --epsilon 0.1 for its adversarial runs: "
+                    "benchmarks/suites.py says why)",
             "model": "minilm-l6", "source": "local", "limit_train": 2000, "epochs": 3, "patience": 0},
     "cpu-pairs": {"_doc": "CPU-scale protocol for the pair tasks (RTE, MRPC): as cpu with an 800-example subset and "
                           "the first 1,000 evaluation pairs (MRPC's MSR test has 1,725)",
