@@ -164,11 +164,12 @@ def _lacol_smoke() -> list[Run]:
 # The robustness evaluation stays at 0.3 for every method so that attacked scores compare across methods.
 SCAL_COLA_CPU = ("--lr", "1e-4", "--epochs", "5")
 SCAL_COLA_ADV = ("--epsilon", "0.1", "--robust-epsilon", "0.3")
-SCAL_TASKS = {  # task -> (metric of summary.json, higher is better, preset, extra arguments)
-    "rte": ("acc", True, "cpu-pairs", ()), "mrpc": ("f1", True, "cpu-pairs", ()),
-    "cola": ("mcc", True, "cpu", SCAL_COLA_CPU), "sst2": ("acc", True, "cpu", ()), "trec": ("err", False, "cpu", ()),
+SCAL_TASKS = {  # task -> (metric of summary.json, higher is better, preset, extra arguments of every method,
+    #                  extra arguments of the adversarial methods adv and scal only)
+    "rte": ("acc", True, "cpu-pairs", (), ()), "mrpc": ("f1", True, "cpu-pairs", (), ()),
+    "cola": ("mcc", True, "cpu", SCAL_COLA_CPU, SCAL_COLA_ADV), "sst2": ("acc", True, "cpu", (), ()),
+    "trec": ("err", False, "cpu", (), ()),
 }
-SCAL_ADV_EXTRA = {"cola": SCAL_COLA_ADV}  # extra arguments of the adversarial methods (adv, scal) per task
 SCAL_METHODS = ("ft", "adv", "cl", "scal")
 SCAL_PAPER_ROWS = {("sst2", "adv"), ("sst2", "cl")}  # rows the paper does not report
 
@@ -202,11 +203,11 @@ def _scal_paper() -> list[Run]:
 
 def _scal_cpu() -> list[Run]:
     runs = []
-    for task, (metric, hib, preset, extra) in SCAL_TASKS.items():
+    for task, (metric, hib, preset, extra, adv_extra) in SCAL_TASKS.items():
         for method in SCAL_METHODS:
             runs.append(Run(f"scal_cpu_{task}_{method}", "scal.py",
                             ("--preset", preset, "--task", task, "--method", method, *extra,
-                             *(SCAL_ADV_EXTRA.get(task, ()) if method in ("adv", "scal") else ())),
+                             *(adv_extra if method in ("adv", "scal") else ())),
                             "SCAL on GLUE/TREC (MiniLM-L6, CPU scale)", _scal_row(task, method), metric, hib,
                             views=(View(metric, f"best.{metric}", f"final.{metric}", _scal_row(task, method), hib),
                                    View(f"attacked {metric}", f"best.adv_{metric}", f"final.adv_{metric}",
