@@ -19,6 +19,11 @@ A run whose arguments name another run's folder (`{out}/<id>__seed<S>`: conlst.p
 committed, so when the run it needs is only in --results-dir it is run again first to rebuild
 its model; the rerun's metrics are compared with the committed ones (reruns.jsonl) and the
 committed files are left as they are.
+
+`--launcher slurm` submits the same runs (one job each, through submitit) with the same
+skip/stale rules, a dependent run held until the jobs it needs end well (`afterok`). The
+cluster jobs do not copy into --results-dir; run the same command with the local launcher
+afterwards and it skips the finished runs and copies their small files.
 """
 
 from __future__ import annotations
@@ -254,18 +259,33 @@ def copy_small_files(d: Path, results_dir: Path | None) -> None:
             os.replace(tmp, dest / f)  # atomic: a kill leaves the previous complete file
 
 
-def submit_slurm(jobs: list[tuple[Run, int]], out: Path, args) -> None:
-    """Submit each command as one Slurm job through submitit."""
-    import submitit
+def submit_slurm(jobs: list[tuple[Run, int]], out: Path, args, results_dir: Path | None = None,
+                 rerun: set | None = None, executor=None) -> list[tuple[str, int]]:
+    """Submit each command as one Slurm job through submitit, in the order of `schedule`.
+    Runs that are done (or committed and not needed again) are skipped; a stale run's or a
+    dead start's folder is cleared first, as the local launcher does; a run that needs
+    another run's model waits for that job (Slurm `afterok`). Returns the submitted keys."""
+    if executor is None:
+        import submitit
+        executor = submitit.AutoExecutor(folder=str(out / "slurm_logs"))
+    from submitit.helpers import CommandFunction
 
-    ex = submitit.AutoExecutor(folder=str(out / "slurm_logs"))
-    ex.update_parameters(timeout_min=args.slurm_time_min, slurm_partition=args.slurm_partition,
-                         gpus_per_node=args.slurm_gpus, cpus_per_task=args.slurm_cpus, name="lis-bench")
-    with ex.batch():
-        for run, seed in jobs:
-            if status(run, seed, out) != "done":
-                ex.submit(submitit.helpers.CommandFunction(command(run, seed, out, "python"), cwd=str(ROOT)))
-    print(f"submitted {len(jobs)} jobs; logs in {out / 'slurm_logs'}")
+    base = dict(timeout_min=args.slurm_time_min, slurm_partition=args.slurm_partition,
+                gpus_per_node=args.slurm_gpus, cpus_per_task=args.slurm_cpus, name="lis-bench")
+    job_ids: dict[tuple[str, int], str] = {}
+    for run, seed in jobs:
+        key, d = (run.id, seed), run_dir(out, run, seed)
+        st = status(run, seed, out, results_dir)
+        if st == "done" or (st == "committed" and key not in (rerun or set())):
+            continue
+        if st in ("todo", "committed", "stale") and d.exists():
+            shutil.rmtree(d)
+        after = [job_ids[k] for k in needs(run, seed) if k in job_ids]
+        extra = {"dependency": "afterok:" + ":".join(after)} if after else {}
+        executor.update_parameters(**base, slurm_additional_parameters=extra)
+        job_ids[key] = str(executor.submit(CommandFunction(command(run, seed, out, "python"), cwd=str(ROOT))).job_id)
+    print(f"submitted {len(job_ids)} of {len(jobs)} jobs (the rest are done); logs in {out / 'slurm_logs'}")
+    return list(job_ids)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -303,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{f', {len(rerun)} of them to rerun for their models' if rerun else ''})")
         return 0
     if args.launcher == "slurm":
-        submit_slurm(jobs, out, args)
+        submit_slurm(jobs, out, args, results, rerun)
         return 0
     wait = {(r.id, s): threading.Event() for r, s in jobs}
 

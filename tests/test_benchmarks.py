@@ -296,3 +296,39 @@ def test_a_run_made_with_other_explicit_arguments_is_stale_and_runs_again(tmp_pa
     assert run.execute(r, 0, out, results, log=lambda *x: None)["status"] == "ok"
     assert json.loads((results / "a__seed0" / "summary.json").read_text())["best"]["acc"] == 7.0
     assert run.status(r, 0, out, results) == "done"
+
+
+def test_slurm_launcher_skips_done_clears_stale_and_chains_dependencies(monkeypatch, tmp_path):
+    """The Slurm launcher submits what the local one would run, in the same order: done and
+    committed runs are skipped (a committed one a later run needs is submitted again), a stale
+    folder is cleared before submission, and a run waits (afterok) for the jobs it needs."""
+    pytest.importorskip("submitit")
+    s = Suite("toy4", [Run("base", "x.py", ("--lr", "1"), "G"), Run("done", "x.py", (), "G"),
+                       Run("dep", "x.py", ("--from", "{out}/base__seed{seed}"), "G", phase=1)], (0,))
+    for mod in (suites, run):
+        monkeypatch.setitem(mod.SUITES, "toy4", s)
+    out, results = tmp_path / "out", tmp_path / "results"
+    _write_run(out, "done", 0, [1.0])
+    stale = _write_run(out, "base", 0, [1.0])
+    (stale / "args.json").write_text(json.dumps({"lr": 2.0, "seed": 0}))
+    _write_run(results, "other", 0, [1.0])  # not in the suite: ignored
+
+    class FakeExecutor:
+        def __init__(self):
+            self.params, self.submitted = {}, []
+
+        def update_parameters(self, **kw):
+            self.params = kw
+
+        def submit(self, fn):
+            name = fn.command[fn.command.index("--exp-name") + 1]
+            self.submitted.append((name, self.params["slurm_additional_parameters"]))
+            return type("J", (), {"job_id": str(100 + len(self.submitted))})()
+
+    ex = FakeExecutor()
+    jobs, rerun = run.schedule(run.expand("toy4", None, None), "toy4", out, results)
+    args = type("A", (), {"slurm_time_min": 10, "slurm_partition": "p", "slurm_gpus": 1, "slurm_cpus": 2})()
+    assert run.submit_slurm(jobs, out, args, results, rerun, executor=ex) == [("base", 0), ("dep", 0)]
+    assert not stale.exists()  # the stale folder was cleared before its job was submitted
+    assert ex.submitted == [("base__seed0", {}), ("dep__seed0", {"dependency": "afterok:101"})]
+    assert ex.params["timeout_min"] == 10 and ex.params["cpus_per_task"] == 2
