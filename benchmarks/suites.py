@@ -424,7 +424,7 @@ def _text_smoke() -> list[Run]:
 def _speed_views(method: str) -> tuple[View, ...]:
     """The figures benchmarks/speed.py writes, one report row each (lower is better for times)."""
     keys = {"lacol": ("ratio", "memory_ratio", "method_samples_per_s", "loader_samples_per_s"),
-            "scal": ("ratio", "method_samples_per_s", "baseline_samples_per_s"),
+            "scal": ("ratio", "floor_ratio", "method_samples_per_s", "baseline_samples_per_s"),
             "uscal": ("ratio", "method_samples_per_s", "baseline_samples_per_s"),
             "conlst": ("ratio", "stage1_over_ft", "method_samples_per_s", "stage1_samples_per_s"),
             "msmo": ("ratio", "cons_over_acs", "encoder_forwards_adv_step", "method_samples_per_s")}[method]
