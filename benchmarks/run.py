@@ -167,6 +167,13 @@ def schedule(jobs: list[tuple[Run, int]], suite: str, out: Path, results_dir: Pa
     return ordered, rerun
 
 
+def clear_for_fresh_start(st: str, d: Path) -> None:
+    """A run that does not resume begins in an empty folder: a start that died before its
+    first checkpoint, a stale run, or a committed run rebuilt for its model (both launchers)."""
+    if st in ("todo", "committed", "stale") and d.exists():
+        shutil.rmtree(d)
+
+
 def execute(run: Run, seed: int, out: Path, results_dir: Path | None, log=print, rerun: bool = False,
             wait: dict | None = None) -> dict:
     """Run one job (or skip it). `wait` maps (id, seed) to an Event set when that job has ended,
@@ -192,8 +199,7 @@ def execute(run: Run, seed: int, out: Path, results_dir: Path | None, log=print,
     if st == "stale":
         where = d if (d / "summary.json").exists() or (d / "checkpoint.pt").exists() else results_dir / d.name
         log(f"stale  {d.name}: made with other arguments ({'; '.join(stale_args(run, seed, where))}), run again")
-    if st in ("todo", "committed", "stale") and d.exists():
-        shutil.rmtree(d)  # a start that died before its first checkpoint: begin again
+    clear_for_fresh_start(st, d)
     cmd = command(run, seed, out)
     log(("resume " if st == "resume" else "run    ") + " ".join(cmd))
     t = time.time()
@@ -278,8 +284,7 @@ def submit_slurm(jobs: list[tuple[Run, int]], out: Path, args, results_dir: Path
         st = status(run, seed, out, results_dir)
         if st == "done" or (st == "committed" and key not in (rerun or set())):
             continue
-        if st in ("todo", "committed", "stale") and d.exists():
-            shutil.rmtree(d)
+        clear_for_fresh_start(st, d)
         after = [job_ids[k] for k in needs(run, seed) if k in job_ids]
         extra = {"dependency": "afterok:" + ":".join(after)} if after else {}
         executor.update_parameters(**base, slurm_additional_parameters=extra)

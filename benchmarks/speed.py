@@ -176,21 +176,21 @@ def measure_scal(args) -> dict:
     # and the backward pass of both graphs, then one optimizer step; so the least any
     # implementation can take is floor = 2 * fwd + (fwd_grad_embeds - fwd) + 2 * (fwd_bwd - fwd)
     # + (ft - fwd_bwd), and floor / ft is the lowest ratio this loss allows on this machine.
-    def fwd():
-        with utils.autocast(device, amp_dtype):
-            logits, _ = model(model.embed(batch["input_ids"]), batch, with_z=False)
-            scal.task_loss_eq5(logits, batch["labels"])
-
-    def fwd_grad_embeds():
+    def clean_loss():  # embeddings and the CE of the clean input, with the graph
         with utils.autocast(device, amp_dtype):
             x = model.embed(batch["input_ids"])
             logits, _ = model(x, batch, with_z=False)
-            torch.autograd.grad(scal.task_loss_eq5(logits, batch["labels"]), x)
+            return x, scal.task_loss_eq5(logits, batch["labels"])
+
+    def fwd():
+        clean_loss()
+
+    def fwd_grad_embeds():
+        x, loss = clean_loss()
+        torch.autograd.grad(loss, x)
 
     def fwd_bwd():
-        with utils.autocast(device, amp_dtype):
-            logits, _ = model(model.embed(batch["input_ids"]), batch, with_z=False)
-            loss = scal.task_loss_eq5(logits, batch["labels"])
+        _, loss = clean_loss()
         model.zero_grad(set_to_none=True)
         loss.backward()
 
