@@ -18,7 +18,10 @@ A run whose arguments name another run's folder (`{out}/<id>__seed<S>`: conlst.p
 --stage0-from, MSMO-Distill's --teachers) waits for that run. Checkpoints are never
 committed, so when the run it needs is only in --results-dir it is run again first to rebuild
 its model; the rerun's metrics are compared with the committed ones (reruns.jsonl) and the
-committed files are left as they are.
+committed files are left as they are. The rerun is the model the later run reads, so its small
+files are kept beside the results too, in <results-dir>/../reruns/<run>__<time>/ with a line in
+reruns/reruns.jsonl, to be committed with the run that used it (a rerun on another machine can
+differ: floating-point sums differ between CPUs, and training amplifies that).
 
 `--launcher slurm` submits the same runs (one job each, through submitit) with the same
 skip/stale rules, a dependent run held until the jobs it needs end well (`afterok`). The
@@ -214,6 +217,7 @@ def execute(run: Run, seed: int, out: Path, results_dir: Path | None, log=print,
     elif st == "committed":
         rec["status"] = "ok"
         rec["same_as_committed"] = compare_rerun(d, results_dir / d.name, out)
+        keep_rerun(d, results_dir, rec["same_as_committed"])
         log(f"done   {d.name} in {rec['wall_s']} s (rerun; metrics "
             f"{'identical to' if rec['same_as_committed'] else 'DIFFERENT from'} the committed ones)")
     else:
@@ -253,10 +257,21 @@ def compare_rerun(new: Path, committed: Path, out: Path) -> bool:
     return same
 
 
-def copy_small_files(d: Path, results_dir: Path | None) -> None:
+def keep_rerun(d: Path, results_dir: Path, same: bool) -> Path:
+    """Copy a rerun's small files to <results_dir>/../reruns/<run>__<time>/ and log it there."""
+    where = results_dir.parent / "reruns"
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    copy_small_files(d, where, name=f"{d.name}__{stamp}")
+    with open(where / "reruns.jsonl", "a") as fh:
+        fh.write(json.dumps({"run": d.name, "copy": f"{d.name}__{stamp}", "same_as_committed": same,
+                             "time": stamp}) + "\n")
+    return where / f"{d.name}__{stamp}"
+
+
+def copy_small_files(d: Path, results_dir: Path | None, name: str | None = None) -> None:
     if results_dir is None or not (d / "summary.json").exists():
         return
-    dest = results_dir / d.name
+    dest = results_dir / (name or d.name)
     dest.mkdir(parents=True, exist_ok=True)
     for f in SMALL_FILES:  # summary.json last: its presence means the rest is there
         if (d / f).exists():

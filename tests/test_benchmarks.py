@@ -227,6 +227,11 @@ def test_committed_runs_are_skipped_and_needed_ones_rerun_and_compared(monkeypat
     assert (results / "base__seed1" / "summary.json").read_text() == committed_before  # committed files kept
     logged = [json.loads(x) for x in (out / "reruns.jsonl").read_text().splitlines()]
     assert [(r["run"], r["same_as_committed"]) for r in logged] == [("base__seed0", True), ("base__seed1", False)]
+    # both reruns' small files are kept beside the results, since a later run reads their models
+    kept = [json.loads(x) for x in (tmp_path / "reruns" / "reruns.jsonl").read_text().splitlines()]
+    assert [(r["run"], r["same_as_committed"]) for r in kept] == [("base__seed0", True), ("base__seed1", False)]
+    rerun1 = json.loads((tmp_path / "reruns" / kept[1]["copy"] / "summary.json").read_text())
+    assert rerun1 == json.loads((out / "base__seed1" / "summary.json").read_text()) != json.loads(committed_before)
 
 
 def test_a_run_whose_dependency_failed_is_recorded_and_not_started(tmp_path, monkeypatch):
