@@ -20,8 +20,8 @@ committed, so when the run it needs is only in --results-dir it is run again fir
 its model; the rerun's metrics are compared with the committed ones (reruns.jsonl) and the
 committed files are left as they are. The rerun is the model the later run reads, so its small
 files are kept beside the results too, in <results-dir>/../reruns/<run>__<time>/ with a line in
-reruns/reruns.jsonl, to be committed with the run that used it (a rerun on another machine can
-differ: floating-point sums differ between CPUs, and training amplifies that).
+reruns/reruns.jsonl, to be committed with the run that used it (a rerun in another session
+can differ from the committed run).
 
 `--launcher slurm` submits the same runs (one job each, through submitit) with the same
 skip/stale rules, a dependent run held until the jobs it needs end well (`afterok`). The
