@@ -18,8 +18,8 @@ A run whose arguments name another run's folder (`{out}/<id>__seed<S>`: conlst.p
 --stage0-from, MSMO-Distill's --teachers) waits for that run. Checkpoints are never
 committed, so when the run it needs is only in --results-dir it is run again first to rebuild
 its model; the rerun's metrics are compared with the committed ones (reruns.jsonl) and the
-committed files are left as they are. The rerun is the model the later run reads, so its small
-files are kept beside the results too, in <results-dir>/../reruns/<run>__<time>/ with a line in
+committed files are left as they are. The rerun is the model the later run reads, so when it
+differs its small files are kept beside the results too, in <results-dir>/../reruns/<run>__<time>/ with a line in
 reruns/reruns.jsonl, to be committed with the run that used it (a rerun in another session
 can differ from the committed run).
 
@@ -257,15 +257,19 @@ def compare_rerun(new: Path, committed: Path, out: Path) -> bool:
     return same
 
 
-def keep_rerun(d: Path, results_dir: Path, same: bool) -> Path:
-    """Copy a rerun's small files to <results_dir>/../reruns/<run>__<time>/ and log it there."""
+def keep_rerun(d: Path, results_dir: Path, same: bool) -> Path | None:
+    """Log a rerun in <results_dir>/../reruns/reruns.jsonl and, when it differs from the committed
+    run, copy its small files to <results_dir>/../reruns/<run>__<time>/ (an identical one is the
+    committed run already)."""
     where = results_dir.parent / "reruns"
+    where.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    copy_small_files(d, where, name=f"{d.name}__{stamp}")
+    copy = None if same else f"{d.name}__{stamp}"
+    if copy:
+        copy_small_files(d, where, name=copy)
     with open(where / "reruns.jsonl", "a") as fh:
-        fh.write(json.dumps({"run": d.name, "copy": f"{d.name}__{stamp}", "same_as_committed": same,
-                             "time": stamp}) + "\n")
-    return where / f"{d.name}__{stamp}"
+        fh.write(json.dumps({"run": d.name, "copy": copy, "same_as_committed": same, "time": stamp}) + "\n")
+    return where / copy if copy else None
 
 
 def copy_small_files(d: Path, results_dir: Path | None, name: str | None = None) -> None:

@@ -227,9 +227,11 @@ def test_committed_runs_are_skipped_and_needed_ones_rerun_and_compared(monkeypat
     assert (results / "base__seed1" / "summary.json").read_text() == committed_before  # committed files kept
     logged = [json.loads(x) for x in (out / "reruns.jsonl").read_text().splitlines()]
     assert [(r["run"], r["same_as_committed"]) for r in logged] == [("base__seed0", True), ("base__seed1", False)]
-    # both reruns' small files are kept beside the results, since a later run reads their models
+    # both reruns are logged beside the results; the one that differs is kept there, since a
+    # later run reads its model
     kept = [json.loads(x) for x in (tmp_path / "reruns" / "reruns.jsonl").read_text().splitlines()]
     assert [(r["run"], r["same_as_committed"]) for r in kept] == [("base__seed0", True), ("base__seed1", False)]
+    assert kept[0]["copy"] is None and [p.name for p in (tmp_path / "reruns").iterdir() if p.is_dir()] == [kept[1]["copy"]]
     rerun1 = json.loads((tmp_path / "reruns" / kept[1]["copy"] / "summary.json").read_text())
     assert rerun1 == json.loads((out / "base__seed1" / "summary.json").read_text()) != json.loads(committed_before)
 
