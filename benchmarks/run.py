@@ -17,11 +17,11 @@ over several machines or sessions continues from what was committed.
 A run whose arguments name another run's folder (`{out}/<id>__seed<S>`: conlst.py's
 --stage0-from, MSMO-Distill's --teachers) waits for that run. Checkpoints are never
 committed, so when the run it needs is only in --results-dir it is run again first to rebuild
-its model; the rerun's metrics are compared with the committed ones (reruns.jsonl) and the
-committed files are left as they are. The rerun is the model the later run reads, so when it
-differs its small files are kept beside the results too, in <results-dir>/../reruns/<run>__<time>/ with a line in
-reruns/reruns.jsonl, to be committed with the run that used it (a rerun in another session
-can differ from the committed run).
+its model; the rerun's metrics are compared with the committed ones and the committed files
+are left as they are. Every rerun gets a line in <results-dir>/../reruns/reruns.jsonl. The
+rerun is the model the later run reads, so when it differs its small files are kept there too,
+in reruns/<run>__<time>/, to be committed with the run that used it (a rerun in another
+session can differ from the committed run).
 
 `--launcher slurm` submits the same runs (one job each, through submitit) with the same
 skip/stale rules, a dependent run held until the jobs it needs end well (`afterok`). The
@@ -216,7 +216,7 @@ def execute(run: Run, seed: int, out: Path, results_dir: Path | None, log=print,
         log(f"FAILED {d.name} (exit {p.returncode}): {p.stderr.strip().splitlines()[-1] if p.stderr.strip() else ''}")
     elif st == "committed":
         rec["status"] = "ok"
-        rec["same_as_committed"] = compare_rerun(d, results_dir / d.name, out)
+        rec["same_as_committed"] = compare_rerun(d, results_dir / d.name)
         keep_rerun(d, results_dir, rec["same_as_committed"])
         log(f"done   {d.name} in {rec['wall_s']} s (rerun; metrics "
             f"{'identical to' if rec['same_as_committed'] else 'DIFFERENT from'} the committed ones)")
@@ -236,9 +236,9 @@ def _failure(run: Run, seed: int, out: Path, cmd: list[str], code: int, stderr: 
     return rec
 
 
-def compare_rerun(new: Path, committed: Path, out: Path) -> bool:
+def compare_rerun(new: Path, committed: Path) -> bool:
     """Whether a rerun reproduced the committed run: its best and final metrics (timings aside)
-    and its evaluation records (wall-clock fields aside). Logged in out/reruns.jsonl."""
+    and its evaluation records (wall-clock fields aside)."""
     volatile = {"elapsed_s", "wall_s", "samples_per_s", "train_time_s", "step_s"}
 
     def records(d: Path) -> list[dict]:
@@ -250,11 +250,7 @@ def compare_rerun(new: Path, committed: Path, out: Path) -> bool:
         return {k: {m: v for m, v in s[k].items() if m not in volatile} if isinstance(s[k], dict) else s[k]
                 for k in ("best", "final") if k in s}
 
-    same = metrics(new) == metrics(committed) and records(new) == records(committed)
-    with open(out / "reruns.jsonl", "a") as fh:
-        fh.write(json.dumps({"run": new.name, "same_as_committed": same, "time": time.strftime("%Y-%m-%d %H:%M:%S")})
-                 + "\n")
-    return same
+    return metrics(new) == metrics(committed) and records(new) == records(committed)
 
 
 def keep_rerun(d: Path, results_dir: Path, same: bool) -> Path | None:
