@@ -16,12 +16,18 @@ LaCoL epoch after the warm-up, where the accuracy dips chaotically; the same com
 machine gave 28.8 instead of the baseline's 42.1 (--sc-stopgrad, seed 0), while two seeds of
 the same setting differ by 11 points. A missing run fails the check too. The baseline changes
 only through `--update`, never as a side effect.
+
+A run marked `compare=False` in its suite is crash-only: its baseline metric sits at chance
+(a tiny random model after a few steps), where no regression can show, so the check asks only
+that it finished with a finite metric and says so in its output instead of claiming a
+comparison it cannot make.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import time
@@ -63,13 +69,19 @@ def seed_spread(baseline: dict, groups: dict[str, str]) -> dict[str, float]:
 
 
 def check(baseline: dict, fresh: dict, floor: float = FLOOR, k_std: float = K_STD,
-          groups: dict[str, str] | None = None) -> list[str]:
-    """Return one line per problem (empty: the check passes). `groups`: run id -> its group."""
+          groups: dict[str, str] | None = None, crash_only: set[str] | frozenset = frozenset()) -> list[str]:
+    """Return one line per problem (empty: the check passes). `groups`: run id -> its group;
+    `crash_only`: run ids checked only for a finite fresh metric."""
     problems = []
     spread = seed_spread(baseline, groups or {})
     for run_id, base in baseline["runs"].items():
         if run_id not in fresh:
             problems.append(f"{run_id}: no fresh result")
+            continue
+        if not all(math.isfinite(v) for v in fresh[run_id].get("values", [fresh[run_id]["mean"]])):
+            problems.append(f"{run_id}: {base['metric']} is not finite ({fresh[run_id].get('values')})")
+            continue
+        if run_id in crash_only:
             continue
         tol = max(k_std * spread[run_id], floor)
         f = fresh[run_id]["mean"]
@@ -105,17 +117,23 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     baseline = json.loads(base_path.read_text())
     groups = {r.id: r.group for r in SUITES[args.suite].runs}
-    problems = check(baseline, fresh, baseline.get("floor", FLOOR), baseline.get("k_std", K_STD), groups)
+    crash_only = {r.id for r in SUITES[args.suite].runs if not r.compare}
+    problems = check(baseline, fresh, baseline.get("floor", FLOOR), baseline.get("k_std", K_STD), groups, crash_only)
+    problems += [f"{rid}: in the suite but not in the baseline (add it with --update)"
+                 for rid in sorted(set(groups) - set(baseline["runs"]))]
     spread = seed_spread(baseline, groups)
     for run_id, base in sorted(baseline["runs"].items()):
         f = fresh.get(run_id)
         tol = max(baseline.get("k_std", K_STD) * spread[run_id], baseline.get("floor", FLOOR))
         print(f"{run_id:40s} baseline {base['mean']:7.2f} ± {base['std']:.2f}   fresh "
-              + (f"{f['mean']:7.2f} ± {f['std']:.2f}" if f else "   missing") + f"   tolerance {tol:.2f}")
+              + (f"{f['mean']:7.2f} ± {f['std']:.2f}" if f else "   missing")
+              + ("   crash-only (at chance)" if run_id in crash_only else f"   tolerance {tol:.2f}"))
     if problems:
         print("REGRESSION:\n  " + "\n  ".join(problems))
         return 1
-    print(f"check passed: {len(baseline['runs'])} runs within tolerance of {base_path.name}")
+    n_cmp = len(set(baseline["runs"]) - crash_only)
+    print(f"check passed: {n_cmp} runs within tolerance of {base_path.name}, "
+          f"{len(baseline['runs']) - n_cmp} crash-only runs finished with a finite metric")
     return 0
 
 

@@ -143,6 +143,38 @@ def test_check_passes_on_its_own_baseline_and_fails_on_a_regression(toy_suite, t
     assert check.main(["--suite", "toy", "--runs", str(tmp_path / "missing"), "--baseline", str(base_file)]) == 1
 
 
+def test_check_crash_only_rows_need_a_finite_result_and_new_runs_need_a_baseline(monkeypatch, tmp_path, capsys):
+    """A compare=False row is not compared with its baseline (it sits at chance) but must exist
+    with a finite metric; a suite run missing from the baseline fails the check."""
+    s = Suite("toy_crash", [Run("a", "x.py", (), "G"), Run("c", "x.py", (), "G", compare=False)], (0, 1))
+    monkeypatch.setitem(check.SUITES, "toy_crash", s)
+    base = {"runs": {"a": {"metric": "acc", "mean": 60.0, "std": 0.0, "values": [60.0, 60.0]},
+                     "c": {"metric": "acc", "mean": 50.0, "std": 0.0, "values": [50.0, 50.0]}}}
+    fresh = {"a": {"mean": 60.0, "values": [60.0]}, "c": {"mean": 10.0, "values": [10.0]}}
+    assert check.check(base, fresh) != []  # compared, c's fall of 40 points fails
+    assert check.check(base, fresh, crash_only={"c"}) == []  # crash-only: not compared
+    nan = {"a": fresh["a"], "c": {"mean": float("nan"), "values": [float("nan")]}}
+    assert [p.split(":")[0] for p in check.check(base, nan, crash_only={"c"})] == ["c"]
+    assert [p.split(":")[0] for p in check.check(base, {"a": fresh["a"]}, crash_only={"c"})] == ["c"]
+    # through main: the suite's compare=False decides, and the output says which rows are crash-only
+    for seed in (0, 1):
+        _write_run(tmp_path / "runs", "a", seed, [60.0])
+        _write_run(tmp_path / "runs", "c", seed, [5.0])
+    (tmp_path / "b.json").write_text(json.dumps(base))
+    assert check.main(["--suite", "toy_crash", "--runs", str(tmp_path / "runs"), "--baseline", str(tmp_path / "b.json")]) == 0
+    assert "crash-only (at chance)" in capsys.readouterr().out
+    monkeypatch.setitem(check.SUITES, "toy_crash", Suite("toy_crash", s.runs + [Run("new", "x.py", (), "G")], (0, 1)))
+    assert check.main(["--suite", "toy_crash", "--runs", str(tmp_path / "runs"), "--baseline", str(tmp_path / "b.json")]) == 1
+    assert "new: in the suite but not in the baseline" in capsys.readouterr().out
+
+
+def test_smoke_suite_compares_a_learning_run_of_every_method_it_can():
+    """Crash-only rows are the exception: every script except conlst.py and msmo.py (whose smoke
+    runs sit at chance) has compared rows in the smoke suite."""
+    compared = {r.script for r in suites.SUITES["smoke"].runs if r.compare}
+    assert compared == {"lacol.py", "scal.py", "uscal.py"}
+
+
 def test_dry_run_lists_the_paper_suite(capsys):
     assert run.main(["--suite", "paper", "--dry-run", "--only", "lacol"]) == 0
     out = capsys.readouterr().out
