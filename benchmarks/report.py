@@ -49,7 +49,11 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def lookup(summary: dict, path: str):
-    """summary["a"]["b"]["c"] for path "a.b.c"; None when any part is missing."""
+    """summary["a"]["b"]["c"] for path "a.b.c"; None when any part is missing. "x.y - u.v" is the
+    difference of two paths of the same summary (e.g. a gain over the run's own baseline)."""
+    if " - " in path:
+        a, b = (lookup(summary, q.strip()) for q in path.split(" - ", 1))
+        return None if a is None or b is None else a - b
     node = summary
     for part in path.split("."):
         if not isinstance(node, dict) or node.get(part) is None:

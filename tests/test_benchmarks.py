@@ -370,3 +370,13 @@ def test_slurm_launcher_skips_done_clears_stale_and_chains_dependencies(monkeypa
     assert not stale.exists()  # the stale folder was cleared before its job was submitted
     assert ex.submitted == [("base__seed0", {}), ("dep__seed0", {"dependency": "afterok:101"})]
     assert ex.params["timeout_min"] == 10 and ex.params["cpus_per_task"] == 2
+
+
+def test_lookup_takes_a_difference_of_two_paths():
+    """A view path "x - y" is a gain over the run's own baseline (conlst.py: over the stage-0
+    model that run read); missing parts give None, as for a plain path."""
+    s = {"per_lang": {"fr": {"best": {"acc": 47.5}, "stage0": {"acc": 45.0}}}}
+    assert report.lookup(s, "per_lang.fr.best.acc - per_lang.fr.stage0.acc") == pytest.approx(2.5)
+    assert report.lookup(s, "per_lang.fr.stage0.acc - per_lang.fr.best.acc") == pytest.approx(-2.5)
+    assert report.lookup(s, "per_lang.fr.best.acc - per_lang.de.stage0.acc") is None
+    assert report.lookup(s, "per_lang.fr.best.acc") == 47.5
