@@ -523,12 +523,26 @@ def library_versions() -> dict:
     return out
 
 
+def cpu_description() -> str:
+    """The CPU model and the vector instructions PyTorch's CPU kernels use, e.g. "AMD EPYC,
+    AVX512". Two x86_64 machines with other CPUs can round differently (MKL and oneDNN choose
+    their kernels by CPU), and a training run amplifies that: a rerun of the same command on
+    another machine need not match."""
+    model = "?"
+    try:
+        with open("/proc/cpuinfo") as fh:
+            model = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), "?")
+    except OSError:
+        model = platform.processor() or "?"
+    return f"{model}, {torch.backends.cpu.get_cpu_capability()}"
+
+
 def write_summary(run_dir: Path, summary: dict) -> dict:
-    """summary.json: the caller's fields plus versions, commit and machine. Atomic."""
+    """summary.json: the caller's fields plus versions, commit, machine and CPU. Atomic."""
     full = {**summary, "versions": library_versions(), "git_commit": git_commit(),
             "machine": f"{platform.machine()} {os.cpu_count()} cpus"
             + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""),
-            "torch_threads": torch.get_num_threads()}
+            "cpu": cpu_description(), "torch_threads": torch.get_num_threads()}
     atomic_write_json(Path(run_dir) / "summary.json", full)
     return full
 

@@ -179,6 +179,9 @@ def test_summary_has_versions_and_commit(tmp_path):
     s = utils.write_summary(tmp_path, {"method": "x"})
     assert s["versions"]["torch"] == torch.__version__.split("+")[0] or s["versions"]["torch"]
     assert json.loads((tmp_path / "summary.json").read_text())["method"] == "x"
+    # the CPU model and the kernels' instruction set: reruns on another CPU can differ
+    assert s["cpu"].endswith(", " + torch.backends.cpu.get_cpu_capability()) and len(s["cpu"]) > 2 + len(
+        torch.backends.cpu.get_cpu_capability())
 
 
 def test_check_out_dir_fails_early_and_creates_nothing(tmp_path):
