@@ -178,7 +178,8 @@ def build_report(suite_name: str, runs_dir: Path, out: Path, plots: bool = True)
     reported = load_reported()
     data = collect(runs_dir)
     out.mkdir(parents=True, exist_ok=True)
-    machines = sorted({s["summary"].get("machine", "?") for v in data.values() for s in v})
+    machines = sorted({s["summary"].get("machine", "?") + (f" ({s['summary']['cpu']})" if "cpu" in s["summary"] else "")
+                       for v in data.values() for s in v})
     commits = sorted({s["summary"].get("git_commit", "?") for v in data.values() for s in v})
     lines = [f"# Benchmark report: suite `{suite_name}`", "",
              f"{suite.description}. Generated {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} by "
