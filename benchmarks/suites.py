@@ -296,8 +296,8 @@ def _conlst_cpu() -> list[Run]:
                            f"{p}.bins.after_stage{st}.{b}.n") for b in ("mid", "low") for st in (0, 1))
         # Each run records the zero-shot accuracy of the stage-0 model it read, and its gains are
         # taken over that number: a stage-0 model rebuilt in a later session (checkpoints are not
-        # committed) can differ from the committed one (on 2026-12-02 all three seeds did, by up
-        # to 6 points), so runs of one seed may have read different stage-0 models.
+        # committed) can differ from the committed one (on 2026-12-02 all three seeds did: English
+        # dev 53.1 -> 52.1, 49.6 -> 36.8, and equal), so runs of one seed may have read different stage-0 models.
         z = f"{p}.stage0.acc"
         runs.append(Run(f"conlst_cpu_{lang}_full", "conlst.py", ("--preset", "cpu", "--lang", lang, "--stage0-from",
                                                                  CONLST_STAGE0), CONLST_G, None, "acc", curve=None, phase=1,
@@ -422,7 +422,8 @@ MSMO_CPU_CLAIMS = [
 # classes: one class predicted) and MSMO (F1 0) at chance in the 2026-11-25 baseline, so those
 # rows are crash-only (compare=False); a fall below chance cannot happen, and a check that cannot
 # fail would claim more than it does. SCAL's regression signal comes from the pretrained
-# MiniLM-L6 runs on TREC instead (40 steps: about 77% on the 500 test questions, majority 27.6%).
+# MiniLM-L6 runs on TREC instead (40 steps: 76.8-88.0% on the 500 test questions over
+# 2 seeds x 2 methods, majority class 27.6%).
 SCAL_SMOKE_MINILM = ("--preset", "smoke", "--model", "minilm-l6", "--task", "trec", "--limit-train", "640",
                      "--max-steps", "40", "--limit-eval", "500", "--lr", "1e-4")
 
