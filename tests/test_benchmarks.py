@@ -380,3 +380,24 @@ def test_lookup_takes_a_difference_of_two_paths():
     assert report.lookup(s, "per_lang.fr.stage0.acc - per_lang.fr.best.acc") == pytest.approx(-2.5)
     assert report.lookup(s, "per_lang.fr.best.acc - per_lang.de.stage0.acc") is None
     assert report.lookup(s, "per_lang.fr.best.acc") == 47.5
+
+
+def test_conlst_tables_gains_and_pooled_bins(tmp_path, capsys):
+    """Gains are taken per run over its own stage 0; bin accuracy is pooled by pair counts."""
+    from benchmarks import conlst_tables
+
+    for lang in suites.CONLST_CPU_LANGS:
+        for seed, (z, s1, best, mid) in enumerate([(40.0, 44.0, 45.0, (80.0, 10)), (30.0, 31.0, 29.0, (50.0, 30))]):
+            for kind, zz in (("full", z), ("wo_conl", z + 1.0)):
+                d = tmp_path / f"conlst_cpu_{lang}_{kind}__seed{seed}"
+                d.mkdir()
+                bins = {f"after_stage{st}": {"mid": {"acc": mid[0] - 10 * st, "n": mid[1] * (st + 1)}} for st in (0, 1)}
+                (d / "summary.json").write_text(json.dumps({"per_lang": {lang: {
+                    "stage0": {"acc": zz}, "stage1": {"acc": s1}, "best": {"acc": best}, "bins": bins}}}))
+    assert conlst_tables.main(["--runs", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    # fr: gain of stage 1 = (4, 1) -> 2.50 ± 2.12; gain of stage 2 alone = (45-41, 29-31) -> 1.00 ± 4.24
+    assert "| fr | 35.00 ± 7.07 | 37.50 ± 9.19 | 37.00 ± 11.31 | 2.50 ± 2.12 | 2.00 ± 4.24 | 36.00 ± 7.07 | 37.00 ± 11.31 | 1.00 ± 4.24 |" in out
+    assert "| avg | 35.00 ± 7.07 |" in out
+    # mid bin pooled: before (80*10 + 50*30) / 40 = 57.5, after (70*20 + 40*60) / 80 = 47.5
+    assert "| fr | mid | 57.5 -> 47.5 | 20 -> 40 |" in out
