@@ -5,6 +5,10 @@ Paper: "Improving Cross-lingual Transfer with Contrastive Negative Learning and 
 model, the method's losses and samplers (plain functions named after their equations), the
 per-step computations, the three stages, evaluation and the confidence diagnostics, main.
 
+Training batches are length-grouped (common.text_data.length_grouped_order: sorted by length within
+seeded mega-batches of 50 batches, the batches shuffled), so padding wastes little compute;
+evaluation runs in length order and restores the original order.
+
     python conlst.py --bt file --bt-file bt.tsv         # mBERT, MultiNLI -> 15 XNLI languages (GPU, downloads;
                                                        #   el and bg need precomputed back-translations)
     python conlst.py --preset xlmr --langs fr de sw    # XLM-R-large (Table 2), three languages, mBART-50 BT
@@ -104,7 +108,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import get_linear_schedule_with_warmup
 
-from common import utils
+from common import text_data, utils
 from common.text_data import XNLI_LANGS, Example, hub_unavailable_reason, load_text_task
 from common.text_models import default_cache_dir, load_encoder, mean_pool, tiny_encoder
 from common.utils import MissingError, UsageError, arg
@@ -123,7 +127,7 @@ class Args:
     exp_name: str = arg("", "run directory name (default: method__xnli__source-langs__seed__time)")
     seed: int = arg(0, "random seed (subsets, initialisation, data order, sampling)")
     device: str = arg("auto", "auto, cpu, cuda or cuda:N")
-    precision: str = arg("auto", "auto (bf16 on CUDA if supported, fp16 on older GPUs, fp32 on CPU), fp32, bf16, fp16",
+    precision: str = arg("auto", "auto (bf16 on CUDA if supported, fp16 on older GPUs; on CPU bf16 if it has native bf16, else fp32), fp32, bf16, fp16",
                          choices=["auto", "fp32", "bf16", "fp16"])
     deterministic: bool = arg(False, "ask PyTorch for deterministic kernels (CUDA: slower)")
     data_dir: str = arg("", "folder in the layout of shared/data (default: $LIS_SHARED_DATA or ../shared/data)")
@@ -651,6 +655,7 @@ def contrastive_negative_loss_eq6(h_anchor: torch.Tensor, h_pos: torch.Tensor, h
 
     h_anchor, h_pos [B, D] (two dropout passes of the anchors); h_neg [B, K, D]; invalid
     negatives are left out (an anchor with none contributes 0)."""
+    # fp32 on purpose (also under bf16 autocast): squared distances and their softmax need the mantissa
     pos = similarity_eq6(h_anchor.float(), h_pos.float(), distance) / tau  # [B]
     neg = similarity_eq6(h_anchor.float()[:, None, :], h_neg.float(), distance) / tau  # [B, K]
     neg = neg.masked_fill(~neg_valid, float("-inf"))
@@ -1016,8 +1021,11 @@ def pass_key(*parts: Any) -> int:
     return zlib.crc32("/".join(map(str, parts)).encode())
 
 
-def permutation(n: int, key: int) -> list[int]:
-    return torch.randperm(n, generator=torch.Generator().manual_seed(key)).tolist()
+def grouped_order(pairs: list, batch_size: int, key: int) -> list[int]:
+    """One pass's data order, in length-grouped batches (length: characters of premise plus
+    hypothesis, a proxy for tokens); a function of `key` only, so a resumed pass repeats it."""
+    lengths = [len(p[0]) + len(p[1] or "") for p in pairs]  # Example or (premise, hypothesis)
+    return text_data.length_grouped_order(lengths, batch_size, torch.Generator().manual_seed(key))
 
 
 class SourceStream:
@@ -1030,7 +1038,7 @@ class SourceStream:
     def next(self, n: int) -> list[Example]:
         out: list[Example] = []
         while len(out) < n:
-            order = permutation(len(self.examples), pass_key(self.seed, self.tag, self.state["epoch"]))
+            order = grouped_order(self.examples, n, pass_key(self.seed, self.tag, self.state["epoch"]))
             take = order[self.state["pos"]:self.state["pos"] + n - len(out)]
             out += [self.examples[i] for i in take]
             self.state["pos"] += len(take)
@@ -1168,7 +1176,7 @@ def run_stage0(ctx: Ctx, plan_pos: int, item: dict, ckpt: dict | None) -> None:
     sums = item.setdefault("sums", {})
     ctx.on_stop = lambda: save_state(ctx, plan_pos, item, opt, sched)
     for epoch in range(item.get("epoch", 0), args.s0_epochs):
-        order = permutation(len(source), pass_key(args.seed, "s0", epoch))
+        order = grouped_order(source, bs, pass_key(args.seed, "s0", epoch))
         bar = tqdm(range(item.get("batch", 0), per_epoch), desc=f"stage 0 epoch {epoch + 1}/{args.s0_epochs}",
                    leave=False, disable=None)
         for b in bar:
@@ -1238,7 +1246,7 @@ def run_stage1(ctx: Ctx, plan_pos: int, lang: str, item: dict, ckpt: dict | None
     ctx.on_stop = lambda: save_state(ctx, plan_pos, item, opt)
     use_source = not args.wo_clcs
     for epoch in range(item.get("epoch", 0), args.s1_epochs):
-        order = permutation(len(pool), pass_key(args.seed, "s1", lang, epoch))
+        order = grouped_order(pool, bs, pass_key(args.seed, "s1", lang, epoch))
         bar = tqdm(range(item.get("batch", 0), per_epoch), desc=f"stage 1 {lang} epoch {epoch + 1}/{args.s1_epochs}",
                    leave=False, disable=None)
         for b in bar:
@@ -1313,7 +1321,7 @@ def run_stage2(ctx: Ctx, plan_pos: int, lang: str, item: dict, ckpt: dict | None
             tqdm.write(f"[stage 2 {lang}] iteration {it + 1}: {item['plan']['stats']}")
         plan = item["plan"]
         n = len(plan["selected"])
-        order = permutation(n, pass_key(args.seed, "s2", lang, it))
+        order = grouped_order([pool[r] for r in plan["selected"]], bs, pass_key(args.seed, "s2", lang, it))
         n_batches = math.ceil(n / bs)
         per_iter = min(n_batches, args.max_steps or n_batches)
         bar = tqdm(range(item.get("batch", 0), per_iter), desc=f"stage 2 {lang} iteration {it + 1}/{args.s2_iterations}",

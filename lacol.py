@@ -73,7 +73,7 @@ class Args:
     exp_name: str = arg("", "run directory name (default: method__dataset__noise__seed__time)")
     seed: int = arg(0, "random seed (noise, subsets, initialisation, data order)")
     device: str = arg("auto", "auto, cpu, cuda or cuda:N")
-    precision: str = arg("auto", "auto (bf16 on CUDA if supported, fp16 on older GPUs, fp32 on CPU), fp32, bf16, fp16",
+    precision: str = arg("auto", "auto (bf16 on CUDA if supported, fp16 on older GPUs; on CPU bf16 if it has native bf16, else fp32), fp32, bf16, fp16",
                          choices=["auto", "fp32", "bf16", "fp16"])
     deterministic: bool = arg(False, "deterministic kernels (CUDA: slower) and one CPU thread: bit-identical reruns")
     data_dir: str = arg("data", "where data sets live / are downloaded to")
@@ -368,8 +368,10 @@ def lacol_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, args: Args, d
     batch's part of the epoch's high-confidence set and the epoch's class weights; None
     selects within the batch (`--selection batch`). Returns (loss, terms, selected)."""
     b = y.shape[0]
-    with utils.autocast(device, amp_dtype):
+    with utils.autocast(device, amp_dtype):  # bf16/fp16 convolutions; BatchNorm keeps fp32 statistics
         logits, z = model(x)
+    # every loss below (softmaxes, similarity matrices, log-similarities) is computed in fp32 on purpose:
+    # in bf16 (8 bits of mantissa) Eq. 6's log-softmax over the batch loses the small differences it learns from
     logits, z = logits.float(), z.float()
     lw, ls1 = logits[:b], logits[b: 2 * b]
     zw, zs1, zs2 = z[:b], z[b: 2 * b], z[2 * b:]
@@ -468,8 +470,7 @@ def main(args: Args) -> dict:
         utils.atomic_write_json(run_dir / "args.json", dataclasses.asdict(args))
     size = 224 if args.dataset == "clothing1m" else train_x.shape[-1]
     weak, strong, test_view = make_views(args.dataset, size, args.randaug_ops, args.randaug_magnitude)
-    n_views = 1 if args.method == "ce" else 3
-    train_ds = NoisyImages(train_x, noisy_y, (weak, strong), n_views=n_views)
+    train_ds = NoisyImages(train_x, noisy_y, (weak, strong))
     test_ds = NoisyImages(test_x, test_y, test_view=test_view)
     select_ds = NoisyImages(train_x, noisy_y, (weak, strong), n_views=1)
     known_clean = noise_info.get("realized_rate") is not None
@@ -534,6 +535,7 @@ def main(args: Args) -> dict:
                     log["selected_precision"] = (noisy_y[sel] == clean_y[sel]).float().mean().item() if sel.any() else 0.0
             sums: dict[str, float] = {}
             sel_count = sel_clean = 0
+            train_ds.n_views = 3 if lacol_phase else 1  # CE and the warm-up use the weak view only: build no other
             loader = make_loader(train_ds, args, True, epoch, device)
             bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}" + (" (warm-up)" if args.method == "lacol" and not lacol_phase else ""),
                        leave=False, dynamic_ncols=True, disable=None)

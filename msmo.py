@@ -13,6 +13,10 @@ Where the summary and the repository disagree, both are here behind a flag and t
 default (one exception, as METHODS.md asks: the Wasserstein critic of the repository is the default
 adversary, gradient reversal the flag; the summary names both).
 
+Training batches are length-grouped (common.text_data.length_grouped_order: sorted by length within
+seeded mega-batches of 50 batches, the batches shuffled), so padding wastes little compute;
+evaluation runs in length order and restores the original order.
+
 Task: unified aspect-based sentiment as token tagging, trained on English (SemEval-2016
 restaurants) and evaluated zero-shot on a target language (fr, es, nl, ru) by micro-F1 on exact
 (begin, end, polarity) aspect spans. One file, top to bottom: arguments, data (XABSA files, tags,
@@ -149,7 +153,8 @@ from tqdm import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from common import utils
-from common.text_data import POLARITIES, XABSA_LANGS, XABSA_TARGETS, AbsaSentence, decode_aspect_spans, load_xabsa
+from common.text_data import (POLARITIES, XABSA_LANGS, XABSA_TARGETS, AbsaSentence, decode_aspect_spans,
+                              length_grouped_order, load_xabsa)
 from common.utils import shared_data_dir
 from common.text_models import load_encoder, tiny_encoder
 from common.utils import MissingError, UsageError, arg
@@ -168,7 +173,7 @@ class Args:
     exp_name: str = arg("", "run directory name (default: method__xabsa_DOMAIN__en-LANG__seedN__time)")
     seed: int = arg(0, "random seed (initialisation, data order, dropout)")
     device: str = arg("auto", "auto, cpu, cuda or cuda:N")
-    precision: str = arg("auto", "auto (bf16 on CUDA if supported, fp16 on older GPUs, fp32 on CPU), fp32, bf16, fp16",
+    precision: str = arg("auto", "auto (bf16 on CUDA if supported, fp16 on older GPUs; on CPU bf16 if it has native bf16, else fp32), fp32, bf16, fp16",
                          choices=["auto", "fp32", "bf16", "fp16"])
     deterministic: bool = arg(False, "ask PyTorch for deterministic kernels (CUDA: slower)")
     data_dir: str = arg("", "folder in the layout of shared/data holding xabsa/DOMAIN/*.txt "
@@ -604,11 +609,12 @@ def make_batch(items: list[Encoded], pad_id: int, device: torch.device, sides: l
 
 
 class Batches:
-    """Endless random batches of indices into a pool: a new permutation per pass, drawn from this
-    object's own generator (its state goes into checkpoints, so a resumed run sees the same data)."""
+    """Endless length-grouped batches of indices into a pool (`lengths`: sub-tokens per item): a
+    new order per pass (common.text_data.length_grouped_order), drawn from this object's own
+    generator (its state goes into checkpoints, so a resumed run sees the same data)."""
 
-    def __init__(self, n: int, batch_size: int, seed: int):
-        self.n, self.batch_size = n, batch_size
+    def __init__(self, lengths: list[int], batch_size: int, seed: int):
+        self.lengths, self.batch_size = lengths, batch_size
         self.gen = torch.Generator().manual_seed(seed)
         self.perm: list[int] = []
         self.pos = 0
@@ -617,7 +623,7 @@ class Batches:
         out: list[int] = []
         while len(out) < self.batch_size:
             if self.pos >= len(self.perm):
-                self.perm, self.pos = torch.randperm(self.n, generator=self.gen).tolist(), 0
+                self.perm, self.pos = length_grouped_order(self.lengths, self.batch_size, self.gen), 0
             take = self.perm[self.pos: self.pos + self.batch_size - len(out)]
             out += take
             self.pos += len(take)
@@ -986,13 +992,14 @@ def run_stage(ctx: dict, stage: str, model: Tagger, total: int, state: dict | No
         pool, sides = enc["ce_pool"], enc["ce_sides"]
     else:
         pool, sides = enc["enc"]["gold_tgt"], [-1] * len(enc["enc"]["gold_tgt"])
-    samplers = {"ce": Batches(len(pool), args.batch_size, seed + 1)}
+    samplers = {"ce": Batches([len(e.input_ids) for e in pool], args.batch_size, seed + 1)}
     if stage == "train" and enc["pairs"]:
-        samplers["pairs"] = Batches(len(enc["pairs"]), args.cons_batch, seed + 2)
+        samplers["pairs"] = Batches([len(p.a.input_ids) + len(p.b.input_ids) for p in enc["pairs"]],
+                                    args.cons_batch, seed + 2)
     src_pool, tgt_pool = enc["critic_pools"]
     if critic is not None and args.critic_data == "fresh" and src_pool and tgt_pool:
-        samplers["critic_src"] = Batches(len(src_pool), args.batch_size, seed + 3)
-        samplers["critic_tgt"] = Batches(len(tgt_pool), args.batch_size, seed + 4)
+        samplers["critic_src"] = Batches([len(e.input_ids) for e in src_pool], args.batch_size, seed + 3)
+        samplers["critic_tgt"] = Batches([len(e.input_ids) for e in tgt_pool], args.batch_size, seed + 4)
 
     step, history, best, train_time, sentences, wall_before = 0, [], None, 0.0, 0, 0.0
     sums: dict[str, float] = {}  # training-loss sums since the last evaluation

@@ -5,6 +5,10 @@ Paper: "Simple Contrastive Representation Adversarial Learning for NLP Tasks", S
 the method's losses (plain functions named after their equations), one function per training
 step (method and baselines), evaluation (clean and under attack), the training loop.
 
+Training batches are length-grouped (common.text_data.length_grouped_order: sorted by length within
+seeded mega-batches of 50 batches, the batches shuffled), so padding wastes little compute;
+evaluation runs in length order and restores the original order.
+
     python scal.py --task rte                               # BERT-base, GLUE RTE, SCAL (Table 3)
     python scal.py --task mrpc --method ft                  # the fine-tuning baseline row
     python scal.py --task cola --method adv                 # ablation "+AT" (Table 4); --method cl is "+CL"
@@ -108,7 +112,7 @@ class Args:
     exp_name: str = arg("", "run directory name (default: method__task__setting__seed__time)")
     seed: int = arg(0, "random seed (initialisation of the heads, data order, dropout)")
     device: str = arg("auto", "auto, cpu, cuda or cuda:N")
-    precision: str = arg("auto", "auto (bf16 on CUDA if supported, fp16 on older GPUs, fp32 on CPU), fp32, bf16, fp16",
+    precision: str = arg("auto", "auto (bf16 on CUDA if supported, fp16 on older GPUs; on CPU bf16 if it has native bf16, else fp32), fp32, bf16, fp16",
                          choices=["auto", "fp32", "bf16", "fp16"])
     deterministic: bool = arg(False, "deterministic kernels (CUDA: slower) and one CPU thread: bit-identical reruns")
     data_dir: str = arg("", "folder in the layout of shared/data (default: $LIS_SHARED_DATA or ../shared/data)")
@@ -477,6 +481,7 @@ def infonce_eq7(z: torch.Tensor, z_pos: torch.Tensor, tau: float, denominator: s
     denominator "adv" (our reading): d_k = z+_k, the positives of the batch (the other
     adversarial views are the negatives), as in the generic Eq. 4. "anchor" (literal): d_k =
     z_k, the clean vectors of the batch (k = i included)."""
+    # fp32 on purpose (also under bf16 autocast): a softmax over a similarity matrix divided by a small tau
     z, z_pos = F.normalize(z.float(), dim=-1), F.normalize(z_pos.float(), dim=-1)
     pos = (z * z_pos).sum(-1) / tau
     other = z_pos if denominator == "adv" else z
@@ -608,10 +613,10 @@ def make_optimizer(model: nn.Module, args: Args, total_steps: int):
     return opt, get_linear_schedule_with_warmup(opt, int(args.warmup_ratio * total_steps), total_steps)
 
 
-def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
-    """The data order of an epoch, a function of (seed, epoch) only: a resumed run sees the
-    same batches as an uninterrupted one."""
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+def epoch_order(lengths: list[int], batch_size: int, seed: int, epoch: int) -> list[int]:
+    """The data order of an epoch, in length-grouped batches, a function of (seed, epoch) only: a
+    resumed run sees the same batches as an uninterrupted one."""
+    return text_data.length_grouped_order(lengths, batch_size, torch.Generator().manual_seed(seed * 100_003 + epoch))
 
 
 def setting_name(args: Args) -> str:
@@ -743,13 +748,13 @@ def main(args: Args) -> dict:
     with stop:
         start_epoch = args.epochs if stopped_early else step // steps_per_epoch
         for epoch in range(start_epoch, args.epochs):
-            order = epoch_order(len(train_enc), args.seed, epoch)
+            order = epoch_order([len(e["input_ids"]) for e in train_enc], args.batch_size, args.seed, epoch)
             first = step - epoch * steps_per_epoch  # > 0 only when resuming mid-epoch
             bar = tqdm(range(first, steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}", leave=False,
                        dynamic_ncols=True, disable=None)
             for b in bar:
                 t0 = time.time()
-                idx = order[b * args.batch_size: (b + 1) * args.batch_size].tolist()
+                idx = order[b * args.batch_size: (b + 1) * args.batch_size]
                 batch = collate([train_enc[i] for i in idx], pad_id, device, regression)
                 with utils.autocast(device, amp_dtype):
                     loss, terms = step_fn(model, batch, args)

@@ -5,6 +5,10 @@ Paper: "Simple Contrastive Representation Adversarial Learning for NLP Tasks", S
 positive. One file, top to bottom: arguments, data, model, the losses (plain functions named
 after their equations), the training steps of USCAL and SimCSE, STS evaluation, the loop.
 
+Training batches are length-grouped (common.text_data.length_grouped_order: sorted by length within
+seeded mega-batches of 50 batches, the batches shuffled), so padding wastes little compute;
+evaluation runs in length order and restores the original order.
+
     python uscal.py                                    # BERT-base on wiki1m (Table 6), USCAL
     python uscal.py --alpha 0                          # the same run without the adversarial term = SimCSE
     python uscal.py --preset roberta-base              # RoBERTa-base (lr 1e-5, SimCSE's)
@@ -91,7 +95,7 @@ class Args:
     exp_name: str = arg("", "run directory name (default: method__data__setting__seed__time)")
     seed: int = arg(0, "random seed (initialisation of the MLP, data order, dropout)")
     device: str = arg("auto", "auto, cpu, cuda or cuda:N")
-    precision: str = arg("auto", "auto (bf16 on CUDA if supported, fp16 on older GPUs, fp32 on CPU), fp32, bf16, fp16",
+    precision: str = arg("auto", "auto (bf16 on CUDA if supported, fp16 on older GPUs; on CPU bf16 if it has native bf16, else fp32), fp32, bf16, fp16",
                          choices=["auto", "fp32", "bf16", "fp16"])
     deterministic: bool = arg(False, "deterministic kernels (CUDA: slower) and one CPU thread: bit-identical reruns")
     data_dir: str = arg("", "folder in the layout of shared/data (default: $LIS_SHARED_DATA or ../shared/data)")
@@ -255,6 +259,7 @@ def tokenize_batch(tokenizer, sentences: list[str], max_length: int, device) -> 
 def infonce_eq4(z_anchor: torch.Tensor, z_other: torch.Tensor, tau: float) -> torch.Tensor:
     """Eq. 4: mean_i -log( exp(sim(a_i, o_i)/tau) / sum_k exp(sim(a_i, o_k)/tau) ), cosine
     similarity; the positive of anchor i is o_i, the negatives the other rows of o."""
+    # fp32 on purpose (also under bf16 autocast): a softmax over a similarity matrix divided by a small tau
     a, o = F.normalize(z_anchor.float(), dim=-1), F.normalize(z_other.float(), dim=-1)
     logits = a @ o.t() / tau
     return F.cross_entropy(logits, torch.arange(len(a), device=a.device))
@@ -383,9 +388,11 @@ def make_optimizer(model: nn.Module, args: Args, total_steps: int):
     return opt, get_linear_schedule_with_warmup(opt, int(args.warmup_ratio * total_steps), total_steps)
 
 
-def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
-    """The data order of an epoch, a function of (seed, epoch) only (resumable)."""
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+def epoch_order(sentences: list[str], batch_size: int, seed: int, epoch: int) -> list[int]:
+    """The data order of an epoch, in length-grouped batches (length in characters, a proxy for
+    tokens), a function of (seed, epoch) only (resumable)."""
+    return text_data.length_grouped_order([len(x) for x in sentences], batch_size,
+                                          torch.Generator().manual_seed(seed * 100_003 + epoch))
 
 
 def method_name(args: Args) -> str:
@@ -502,13 +509,13 @@ def main(args: Args) -> dict:
     last_eval_step = history[-1]["step"] if history else -1
     with stop:
         for epoch in range(step // max(steps_per_epoch, 1), args.epochs if not args.eval_only else 0):
-            order = epoch_order(len(sentences), args.seed, epoch)
+            order = epoch_order(sentences, args.batch_size, args.seed, epoch)
             first = step - epoch * steps_per_epoch  # > 0 only when resuming mid-epoch
             bar = tqdm(range(first, steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}", leave=False,
                        dynamic_ncols=True, disable=None)
             for b in bar:
                 t0 = time.time()
-                idx = order[b * args.batch_size: (b + 1) * args.batch_size].tolist()
+                idx = order[b * args.batch_size: (b + 1) * args.batch_size]
                 batch = tokenize_batch(tokenizer, [sentences[i] for i in idx], args.max_length, device)
                 with utils.autocast(device, amp_dtype):
                     loss, terms = step_fn(model, batch, args)

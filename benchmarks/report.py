@@ -168,6 +168,12 @@ def plot_curves(group: str, runs: list[Run], data: dict, out: Path) -> str | Non
     return name
 
 
+def precisions(seeds: list[dict]) -> str:
+    """The precision each seed's run used, from summary.json. Runs made before `--precision auto`
+    chose bf16 on CPUs record none: on CPU they all ran in fp32 (what `auto` meant then)."""
+    return ", ".join(sorted({s["summary"].get("precision", "fp32") for s in seeds})) or "-"
+
+
 def git_commit() -> str:
     r = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True)
     return r.stdout.strip() or "unknown"
@@ -197,8 +203,8 @@ def build_report(suite_name: str, runs_dir: Path, out: Path, plots: bool = True)
     by_id = {r.id: r for r in suite.runs}
     averages = {a.id: a for a in suite.averages}
     for group, runs in groups.items():
-        lines += [f"## {group}", "", "| run | metric | seeds | best | last | paper | paper source | diff (best - paper) | status |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+        lines += [f"## {group}", "", "| run | metric | seeds | precision | best | last | paper | paper source | "
+                  "diff (best - paper) | status |", "|---|---|---|---|---|---|---|---|---|---|"]
         rows = [(run.id, v, row_stats(run, data.get(run.id, []), v),
                  len(run.only_seeds) if run.only_seeds is not None else len(suite.default_seeds))
                 for run in runs for v in views_of(run)]
@@ -210,7 +216,7 @@ def build_report(suite_name: str, runs_dir: Path, out: Path, plots: bool = True)
             comparable = suite_name == "paper"  # other suites: other data and scale, no difference shown
             diff = f"{st['best'][0] - float(paper['value']):+.2f}" if paper and st["n"] and comparable else "-"
             src = f"{paper['source']} ({paper['dataset']}, {paper['backbone']})" if paper else "-"
-            lines.append(f"| {rid} | {v.name} | {st['n']} | {fmt(st['best'])} | {fmt(st['last'])} | {pv} | {src} | "
+            lines.append(f"| {rid} | {v.name} | {st['n']} | {precisions(data.get(rid, []))} | {fmt(st['best'])} | {fmt(st['last'])} | {pv} | {src} | "
                          f"{diff} | {status_of(suite_name, v, st, paper, expected)} |")
         if plots:
             png = plot_curves(group, runs, data, out)

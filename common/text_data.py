@@ -2,8 +2,9 @@
 
 Every data set can come from one of two places:
 
-* ``local``: files in the layout of ``../shared/data`` (see the README.md there), read from
-  ``data_dir`` (default: :func:`common.utils.shared_data_dir`). This is what CPU runs and
+* ``local``: files in the layout of ``../shared/data`` (docs/data.md; ``python -m common.get_data``
+  fetches them), read from ``data_dir`` (default: :func:`common.utils.resolve_text_data_dir`:
+  $LIS_SHARED_DATA, ./data, ../shared/data). This is what CPU runs and
   the tests use; it has no network dependency.
 * ``hub``: the Hugging Face hub through ``datasets.load_dataset`` (paper scale: GLUE,
   MultiNLI, ANLI, XNLI, AG News, TREC, STS, wiki1m). The hub names are listed in
@@ -34,7 +35,7 @@ import urllib.parse
 from pathlib import Path
 from typing import Callable, NamedTuple
 
-from common.utils import MissingError, UsageError, shared_data_dir
+from common.utils import MissingError, UsageError, resolve_text_data_dir
 
 # ------------------------------------------------------------------------------------------
 # Return types and label orders
@@ -105,7 +106,8 @@ STS_SUBSETS: dict[str, tuple[str, ...]] = {
 
 SOURCES = ("auto", "local", "hub")
 
-_HOW_LOCAL = "point --data-dir at a copy in the layout of shared/data (see shared/data/README.md)"
+_HOW_LOCAL = ("get the offline copies with python -m common.get_data --to DIR and point --data-dir at DIR "
+              "(./data is looked for by default; see docs/data.md)")
 
 # ------------------------------------------------------------------------------------------
 # Where each (task, split) lives
@@ -239,7 +241,7 @@ def load_text_task(task: str, split: str, data_dir: str | Path | None = None,
     split: see :func:`task_splits` (train/dev/test; mnli: dev_matched, dev_mismatched,
       test_matched, test_mismatched; anli: train/dev/test = all three rounds, or
       train_r1 .. test_r3 for one round).
-    data_dir: folder in the layout of shared/data (default: :func:`shared_data_dir`).
+    data_dir: folder in the layout of shared/data (default: :func:`resolve_text_data_dir`).
     source: ``local`` (files under data_dir only), ``hub`` (HF hub only) or ``auto``
       (the local files when they are all there, else the hub).
 
@@ -257,7 +259,7 @@ def load_text_task(task: str, split: str, data_dir: str | Path | None = None,
     splits = task_splits(task)
     if split not in splits:
         raise UsageError(f"--split {split}: task {task} has splits {', '.join(splits)}")
-    data_dir = Path(data_dir) if data_dir is not None else shared_data_dir()
+    data_dir = resolve_text_data_dir(data_dir)
     local_ok = split in LOCAL_FILES.get(task, {})
     hub_ok = task in HUB_SOURCES and split in HUB_SOURCES[task].splits
     name = f"{_DISPLAY[task]} {split}"
@@ -297,7 +299,7 @@ def load_sts(name: str, split: str = "test", data_dir: str | Path | None = None,
         raise UsageError(f"--split {split}: {name} has only a test split")
     if source not in SOURCES:
         raise UsageError(f"--source {source}: allowed are {', '.join(SOURCES)}")
-    data_dir = Path(data_dir) if data_dir is not None else shared_data_dir()
+    data_dir = resolve_text_data_dir(data_dir)
     if source == "local" or (source == "auto" and _local_present(name, "test", data_dir)):
         return read_sts_year(name, data_dir)
     return {"all": load_text_task(name, "test", data_dir, "hub")}
@@ -352,7 +354,8 @@ def _read_lines_any(path: Path) -> list[str]:
 
 
 def _corrupt(path: Path, lineno: int, what: str) -> MissingError:
-    return MissingError(f"{path}:{lineno}: {what} (corrupt or not the expected format; see shared/data/README.md)")
+    return MissingError(f"{path}:{lineno}: {what} (corrupt or not the expected format; see docs/data.md; "
+                        "python -m common.get_data --to DIR fetches a verified copy)")
 
 
 def _label_id(task: str, name: str, path: Path, lineno: int) -> int:
@@ -373,7 +376,7 @@ def read_xnli(lang: str, split: str, data_dir: str | Path | None = None) -> list
         raise UsageError(f"--lang {lang}: allowed are {', '.join(XNLI_LANGS)}")
     if split not in ("dev", "test"):
         raise UsageError(f"--split {split}: local XNLI has dev and test")
-    data_dir = Path(data_dir) if data_dir is not None else shared_data_dir()
+    data_dir = resolve_text_data_dir(data_dir)
     path = _need(data_dir, f"xnli/xtreme_format/{split}-{lang}.tsv", f"XNLI {split} ({lang})")
     out = []
     for i, line in enumerate(_read_lines(path), 1):
@@ -390,7 +393,7 @@ def read_xnli(lang: str, split: str, data_dir: str | Path | None = None) -> list
 def read_snli(split: str, data_dir: str | Path | None = None) -> list[Example]:
     """SNLI dev/test in the SentEval layout (s1.X, s2.X, labels.X): 9,842 / 9,824 pairs.
     Label order: entailment, neutral, contradiction."""
-    data_dir = Path(data_dir) if data_dir is not None else shared_data_dir()
+    data_dir = resolve_text_data_dir(data_dir)
     paths = [_need(data_dir, f, f"SNLI {split}") for f in LOCAL_FILES["snli"][split]]
     s1, s2, labels = (_read_lines(p) for p in paths)
     if not len(s1) == len(s2) == len(labels):
@@ -407,7 +410,7 @@ def read_sts_year(name: str, data_dir: str | Path | None = None) -> dict[str, li
     ``STS.gs.<subset>.txt`` one score 0-5 per line; pairs with an empty score are dropped
     (STS15/16 ship many). STS13 SMT has no input file and is skipped.
     """
-    data_dir = Path(data_dir) if data_dir is not None else shared_data_dir()
+    data_dir = resolve_text_data_dir(data_dir)
     folder = f"sts/{name.upper()}-en-test"
     out: dict[str, list[Example]] = {}
     for sub in STS_SUBSETS[name]:
@@ -438,7 +441,7 @@ def _float(text: str, path: Path, lineno: int) -> float:
 def read_stsb(split: str, data_dir: str | Path | None = None) -> list[Example]:
     """STS-Benchmark (SentEval layout, tokenized): train 5,749 / dev 1,500 / test 1,379.
     Columns: genre, file, year, id, score (0-5), s1, s2."""
-    data_dir = Path(data_dir) if data_dir is not None else shared_data_dir()
+    data_dir = resolve_text_data_dir(data_dir)
     path = _need(data_dir, LOCAL_FILES["stsb"][split][0], f"STS-B {split}")
     out = []
     for i, line in enumerate(_read_lines(path), 1):
@@ -452,7 +455,7 @@ def read_stsb(split: str, data_dir: str | Path | None = None) -> list[Example]:
 def read_sick(split: str, data_dir: str | Path | None = None) -> list[Example]:
     """SICK relatedness (SICK-R): train 4,500 / dev (= trial) 500 / test 4,927 (SimCSE's SICK-R
     test). Header pair_ID, sentence_A, sentence_B, relatedness_score, entailment_judgment."""
-    data_dir = Path(data_dir) if data_dir is not None else shared_data_dir()
+    data_dir = resolve_text_data_dir(data_dir)
     path = _need(data_dir, LOCAL_FILES["sickr"][split][0], f"SICK {split}")
     lines = _read_lines(path)
     if not lines or not lines[0].startswith("pair_ID"):
@@ -469,7 +472,7 @@ def read_sick(split: str, data_dir: str | Path | None = None) -> list[Example]:
 def read_rte(split: str, data_dir: str | Path | None = None) -> list[Example]:
     """GLUE RTE: train (train.tsv + val.tsv) 2,490 / dev 277 / test 3,000 (label -1).
     Label order: entailment, not_entailment."""
-    data_dir = Path(data_dir) if data_dir is not None else shared_data_dir()
+    data_dir = resolve_text_data_dir(data_dir)
     out = []
     for rel in LOCAL_FILES["rte"][split]:
         path = _need(data_dir, rel, f"GLUE RTE {split}")
@@ -489,7 +492,7 @@ def read_rte(split: str, data_dir: str | Path | None = None) -> list[Example]:
 def read_cola(split: str, data_dir: str | Path | None = None) -> list[Example]:
     """GLUE CoLA: train (train.tsv + val.tsv) 8,551 / dev 1,043 / test 1,063 (label -1).
     Rows: source, label (0/1), original mark, sentence. Label order: unacceptable, acceptable."""
-    data_dir = Path(data_dir) if data_dir is not None else shared_data_dir()
+    data_dir = resolve_text_data_dir(data_dir)
     out = []
     for rel in LOCAL_FILES["cola"][split]:
         path = _need(data_dir, rel, f"GLUE CoLA {split}")
@@ -512,7 +515,7 @@ def read_mrpc(split: str, data_dir: str | Path | None = None) -> list[Example]:
     """MRPC, the original MSR release: train 4,076 / test 1,725 (both labelled; no dev: GLUE's
     dev is carved out of this train set). UTF-8 with a BOM and a header. Label order:
     not_equivalent (0), equivalent (1) = the file's Quality column."""
-    data_dir = Path(data_dir) if data_dir is not None else shared_data_dir()
+    data_dir = resolve_text_data_dir(data_dir)
     path = _need(data_dir, LOCAL_FILES["mrpc"][split][0], f"MRPC {split}")
     lines = _read_lines(path, "utf-8-sig")
     if not lines or not lines[0].startswith("Quality"):
@@ -529,7 +532,7 @@ def read_mrpc(split: str, data_dir: str | Path | None = None) -> list[Example]:
 def read_sst2(split: str, data_dir: str | Path | None = None) -> list[Example]:
     """SST-2 (SentEval binary): train 67,349 / dev 872 / test 1,821, all labelled.
     ``sentence<TAB>label``; text is tokenized and lowercased. Label order: negative, positive."""
-    data_dir = Path(data_dir) if data_dir is not None else shared_data_dir()
+    data_dir = resolve_text_data_dir(data_dir)
     path = _need(data_dir, LOCAL_FILES["sst2"][split][0], f"SST-2 {split}")
     out = []
     for i, line in enumerate(_read_lines(path), 1):
@@ -544,7 +547,7 @@ def read_trec(split: str, data_dir: str | Path | None = None) -> list[Example]:
     """TREC question classification, coarse labels: train 5,452 / test 500.
     Lines ``COARSE:fine question`` (tokenized; Latin-1). Label order: ABBR, ENTY, DESC, HUM,
     LOC, NUM (the hub's coarse_label order)."""
-    data_dir = Path(data_dir) if data_dir is not None else shared_data_dir()
+    data_dir = resolve_text_data_dir(data_dir)
     path = _need(data_dir, LOCAL_FILES["trec"][split][0], f"TREC {split}")
     out = []
     for i, line in enumerate(_read_lines(path, "latin-1"), 1):
@@ -561,7 +564,7 @@ def read_agnews(split: str, data_dir: str | Path | None = None) -> list[Example]
     text,label; lowercased and tokenized, title + " , " + description); dev =
     ``agnews/dev.tsv`` (ALPS export of 10,001 rows held out of train: raw description and
     class name). Label order: World, Sports, Business, Sci/Tech."""
-    data_dir = Path(data_dir) if data_dir is not None else shared_data_dir()
+    data_dir = resolve_text_data_dir(data_dir)
     path = _need(data_dir, LOCAL_FILES["ag_news"][split][0], f"AG News {split}")
     out = []
     if split == "test":
@@ -596,7 +599,7 @@ def load_senteval_sentences(names: tuple[str, ...] | list[str] = ("MR", "CR", "S
     """Unlabelled English sentences from SentEval's MR, CR, SUBJ and MPQA files (tokenized,
     lowercased), in file order, empty lines dropped: MR 10,662, CR 3,771, SUBJ 10,000,
     MPQA 10,603 sentences. For unsupervised (SimCSE-style) training at CPU scale."""
-    data_dir = Path(data_dir) if data_dir is not None else shared_data_dir()
+    data_dir = resolve_text_data_dir(data_dir)
     out: list[str] = []
     for name in names:
         if name not in SENTEVAL_SENTENCE_FILES:
@@ -680,7 +683,7 @@ def load_xabsa(name: str, data_dir: str | Path | None = None, domain: str = "res
         raise UsageError(f"--xabsa-file {name}: allowed are gold-LANG-{{train,dev,test}} (LANG in "
                          f"{', '.join(XABSA_LANGS)}), smt-LANG-train, cs_en-LANG-train, cs_LANG-en-train "
                          f"(LANG in {', '.join(XABSA_TARGETS)})")
-    data_dir = Path(data_dir) if data_dir is not None else shared_data_dir()
+    data_dir = resolve_text_data_dir(data_dir)
     path = Path(data_dir) / "xabsa" / domain / f"{name}.txt"
     if not path.is_file():
         raise MissingError(f"XABSA {name}: {path} not found; get data/{domain}/{name}.txt from "
@@ -803,7 +806,7 @@ def load_wiki1m(data_dir: str | Path | None = None, source: str = "auto", limit:
     """
     if source not in SOURCES:
         raise UsageError(f"--source {source}: allowed are {', '.join(SOURCES)}")
-    data_dir = Path(data_dir) if data_dir is not None else shared_data_dir()
+    data_dir = resolve_text_data_dir(data_dir)
     local = data_dir / "simcse" / WIKI1M_FILE
     if source == "local" or (source == "auto" and local.is_file()):
         path = _need(data_dir, f"simcse/{WIKI1M_FILE}", "SimCSE wiki1m")
@@ -841,3 +844,27 @@ def _first_line(e: BaseException) -> str:
     """The first line of an exception's message (for one-line errors)."""
     text = str(e).strip()
     return text.splitlines()[0][:200] if text else type(e).__name__
+
+
+# ------------------------------------------------------------------------------------------
+# Length-grouped batches
+# ------------------------------------------------------------------------------------------
+def length_grouped_order(lengths: list[int], batch_size: int, generator, mega_batches: int = 50) -> list[int]:
+    """One epoch's order of the indices 0..len(lengths)-1, in batches of similar length (the idea
+    of transformers' `group_by_length`): a random permutation is cut into mega-batches of
+    `mega_batches * batch_size`, each is sorted by length (longest first) and cut into batches,
+    and the full batches are shuffled; the one short batch, if any, comes last (a script that
+    drops the last partial batch drops it). Every index appears once. The order depends only
+    on `generator` (a seeded torch.Generator), so a resumed run that rebuilds the generator
+    sees the same batches. Padding to the longest of a batch then wastes little compute."""
+    import torch
+
+    perm = torch.randperm(len(lengths), generator=generator).tolist()
+    size = mega_batches * batch_size
+    batches = []
+    for start in range(0, len(perm), size):
+        mega = sorted(perm[start:start + size], key=lambda i: -lengths[i])  # stable: ties keep the random order
+        batches += [mega[b:b + batch_size] for b in range(0, len(mega), batch_size)]
+    full = [b for b in batches if len(b) == batch_size]
+    short = [b for b in batches if len(b) < batch_size]
+    return [i for k in torch.randperm(len(full), generator=generator).tolist() for i in full[k]] + sum(short, [])

@@ -196,11 +196,30 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def cpu_has_native_bf16() -> bool:
+    """True when this CPU computes bf16 natively (AVX512-BF16 or AMX-BF16), where bf16 autocast
+    was measured 2-3x faster than fp32 (benchmarks/speed.py); without them bf16 is emulated and
+    slower. `LIS_CPU_BF16=0` or `=1` overrides the detection (the tests set 0, so that `auto`
+    means fp32 on every CI machine)."""
+    forced = os.environ.get("LIS_CPU_BF16")
+    if forced in ("0", "1"):
+        return forced == "1"
+    try:
+        with open("/proc/cpuinfo") as fh:
+            flags = next((ln.split(":", 1)[1].split() for ln in fh if ln.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+RESOLVED_PRECISION = {"precision": "fp32"}  # what resolve_precision chose in this process (for summary.json)
+
+
 def resolve_precision(precision: str, device: torch.device) -> tuple[torch.dtype | None, bool]:
     """Return (autocast dtype or None for fp32, whether a GradScaler is needed).
 
-    `auto`: bf16 on a CUDA device that supports it, fp16 + GradScaler on older CUDA devices,
-    fp32 on CPU (CPU bf16 autocast is slower than fp32 on most CPUs and changes results).
+    `auto`: bf16 on a CUDA device that supports it, fp16 + GradScaler on older CUDA devices;
+    on CPU bf16 where the CPU has native bf16 (`cpu_has_native_bf16`), fp32 elsewhere.
     """
     if precision not in ("auto", "fp32", "bf16", "fp16"):
         raise UsageError(f"--precision {precision}: allowed are auto, fp32, bf16, fp16")
@@ -208,11 +227,12 @@ def resolve_precision(precision: str, device: torch.device) -> tuple[torch.dtype
         if device.type == "cuda":
             precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
         else:
-            precision = "fp32"
-    if precision == "fp32":
-        return None, False
+            precision = "bf16" if cpu_has_native_bf16() else "fp32"
     if precision == "fp16" and device.type != "cuda":
         raise UsageError("--precision fp16: needs a CUDA device; use bf16 or fp32 on CPU")
+    RESOLVED_PRECISION["precision"] = precision
+    if precision == "fp32":
+        return None, False
     return (torch.bfloat16, False) if precision == "bf16" else (torch.float16, True)
 
 
@@ -499,6 +519,27 @@ def shared_data_dir() -> Path:
     return Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 
 
+#: The top-level folders of the offline text data (docs/data.md; common/data_manifest.csv).
+TEXT_DATA_SETS = ("agnews", "cifar_n", "glue", "senteval_transfer", "sick", "sts", "xabsa", "xnli")
+
+
+def resolve_text_data_dir(data_dir: str | Path | None = None) -> Path:
+    """The one place that decides where the offline text data is read from (docs/data.md):
+    a --data-dir given explicitly (non-empty) is used as it is; otherwise $LIS_SHARED_DATA if
+    set, then ./data if it holds one of TEXT_DATA_SETS (`python -m common.get_data --to data`
+    fills it; a ./data with only image data does not count), then ../shared/data beside the
+    checkout. When none is there: ./data, so that errors name the folder get_data would fill."""
+    if data_dir:
+        return Path(data_dir)
+    if os.environ.get("LIS_SHARED_DATA"):
+        return Path(os.environ["LIS_SHARED_DATA"])
+    local = Path.cwd() / "data"
+    if any((local / name).is_dir() for name in TEXT_DATA_SETS):
+        return local
+    sibling = shared_data_dir()
+    return sibling if sibling.is_dir() else local
+
+
 def git_commit() -> str:
     try:
         here = Path(__file__).resolve().parent.parent
@@ -542,7 +583,8 @@ def write_summary(run_dir: Path, summary: dict) -> dict:
     full = {**summary, "versions": library_versions(), "git_commit": git_commit(),
             "machine": f"{platform.machine()} {os.cpu_count()} cpus"
             + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""),
-            "cpu": cpu_description(), "torch_threads": torch.get_num_threads()}
+            "cpu": cpu_description(), "cpu_bf16": cpu_has_native_bf16(),
+            "precision": RESOLVED_PRECISION["precision"], "torch_threads": torch.get_num_threads()}
     atomic_write_json(Path(run_dir) / "summary.json", full)
     return full
 

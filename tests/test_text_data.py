@@ -313,3 +313,44 @@ def test_hub_offline_mode_in_a_script(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in proc.stderr
     assert "GLUE RTE dev" in lines[0] and "nyu-mll/glue" in lines[0] and "HF_HUB_OFFLINE" in lines[0]
+
+
+def test_length_grouped_order_covers_each_example_once_and_groups_by_length():
+    import torch
+
+    from common.text_data import length_grouped_order
+
+    lengths = [int(x) for x in torch.randint(3, 200, (1037,), generator=torch.Generator().manual_seed(1))]
+    bs = 16
+    order = length_grouped_order(lengths, bs, torch.Generator().manual_seed(7), mega_batches=5)
+    assert sorted(order) == list(range(len(lengths)))  # every example once per epoch
+    # the same generator seed gives the same order (what a resumed run relies on); another seed another order
+    assert order == length_grouped_order(lengths, bs, torch.Generator().manual_seed(7), mega_batches=5)
+    assert order != length_grouped_order(lengths, bs, torch.Generator().manual_seed(8), mega_batches=5)
+    batches = [order[i:i + bs] for i in range(0, len(order), bs)]
+    assert all(len(b) == bs for b in batches[:-1]) and len(batches[-1]) == len(lengths) % bs  # the short one last
+
+    def padded(bs_list):  # tokens in the padded batches
+        return sum(len(b) * max(lengths[i] for i in b) for b in bs_list)
+
+    perm = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(7)).tolist()
+    random_batches = [perm[i:i + bs] for i in range(0, len(perm), bs)]
+    assert padded(batches) < 0.75 * padded(random_batches)
+    # the batches are shuffled: the batch lengths do not simply fall within each mega-batch
+    firsts = [lengths[b[0]] for b in batches[:-1]]
+    assert firsts != sorted(firsts, reverse=True)
+
+
+def test_msmo_batches_resume_exactly_from_state():
+    import msmo
+
+    lengths = [(i * 37) % 50 + 1 for i in range(101)]
+    a = msmo.Batches(lengths, 8, seed=3)
+    seen = [a.next() for _ in range(20)]  # crosses a pass boundary (101 items, 8 per batch)
+    assert sorted(sum(seen[:13], [])[:101]) == list(range(101))  # the first pass: each item once
+    b = msmo.Batches(lengths, 8, seed=3)
+    for _ in range(7):
+        b.next()
+    c = msmo.Batches(lengths, 8, seed=99)
+    c.load_state_dict(b.state_dict())
+    assert [c.next() for _ in range(13)] == seen[7:]

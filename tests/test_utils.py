@@ -64,6 +64,30 @@ def test_seed_everything_reproducible():
     assert torch.equal(a, torch.rand(3))
 
 
+def test_auto_precision_follows_native_cpu_bf16(monkeypatch, tmp_path):
+    """`auto` on CPU: bf16 where the CPU has native bf16, fp32 elsewhere (capability faked both
+    ways, through the cpuinfo flags and through the LIS_CPU_BF16 override); summary.json records it."""
+    cpu = torch.device("cpu")
+    monkeypatch.delenv("LIS_CPU_BF16", raising=False)
+    for flags, native in (("fpu sse2 avx2 avx512f avx512_bf16", True), ("fpu sse2 amx_tile amx_bf16", True),
+                          ("fpu sse2 avx2 avx512f", False)):
+        real_open = open
+        cpuinfo = tmp_path / "cpuinfo"
+        cpuinfo.write_text(f"processor\t: 0\nmodel name\t: Fake CPU\nflags\t\t: {flags}\n")
+        monkeypatch.setattr("builtins.open", lambda f, *a, **k: real_open(cpuinfo if f == "/proc/cpuinfo" else f,
+                                                                           *a, **k))
+        assert utils.cpu_has_native_bf16() is native
+        assert utils.resolve_precision("auto", cpu) == ((torch.bfloat16, False) if native else (None, False))
+        assert utils.resolve_precision("fp32", cpu) == (None, False)  # fp32 stays available everywhere
+        monkeypatch.setattr("builtins.open", real_open)
+        summary = utils.write_summary(tmp_path, {})
+        assert summary["precision"] == "fp32" and "cpu_bf16" in summary  # the last call asked for fp32
+    for forced, want in (("1", torch.bfloat16), ("0", None)):
+        monkeypatch.setenv("LIS_CPU_BF16", forced)
+        assert utils.resolve_precision("auto", cpu) == (want, False)
+        assert utils.write_summary(tmp_path, {})["precision"] == ("bf16" if want else "fp32")
+
+
 def test_device_and_precision_on_cpu():
     dev = utils.resolve_device("auto")
     if not torch.cuda.is_available():
