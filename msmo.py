@@ -155,7 +155,7 @@ from transformers import get_linear_schedule_with_warmup
 from common import utils
 from common.text_data import (POLARITIES, XABSA_LANGS, XABSA_TARGETS, AbsaSentence, decode_aspect_spans,
                               length_grouped_order, load_xabsa)
-from common.utils import shared_data_dir
+from common.utils import resolve_text_data_dir
 from common.text_models import load_encoder, tiny_encoder
 from common.utils import MissingError, UsageError, arg
 
@@ -177,7 +177,7 @@ class Args:
                          choices=["auto", "fp32", "bf16", "fp16"])
     deterministic: bool = arg(False, "ask PyTorch for deterministic kernels (CUDA: slower)")
     data_dir: str = arg("", "folder in the layout of shared/data holding xabsa/DOMAIN/*.txt "
-                            "(default: ../shared/data beside the checkout, or $LIS_SHARED_DATA)")
+                            "(default: $LIS_SHARED_DATA, ./data, ../shared/data; docs/data.md)")
     out_dir: str = arg("runs", "parent of the run directory")
     track: bool = arg(False, "also write TensorBoard events to <run>/tb")
     resume: str = arg("", "run directory to continue from its last checkpoint (training or distillation); its own"
@@ -524,7 +524,7 @@ def load_data(args: Args, record: dict | None = None) -> dict:
     """All sentences a run needs, as AbsaSentence lists (limits applied). `record`, when given,
     receives the sentences used of each file (the first N; saved as data_subsets.json)."""
     data_dir = args.data_dir or None
-    xabsa = Path(data_dir or shared_data_dir()) / "xabsa"
+    xabsa = resolve_text_data_dir(data_dir) / "xabsa"
     if xabsa.is_dir() and not (xabsa / args.domain).is_dir():
         raise UsageError(f"--domain {args.domain}: allowed are "
                          f"{', '.join(sorted(d.name for d in xabsa.iterdir() if d.is_dir()))} (folders of {xabsa})")

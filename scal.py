@@ -115,7 +115,7 @@ class Args:
     precision: str = arg("auto", "auto (bf16 on CUDA if supported, fp16 on older GPUs; on CPU bf16 if it has native bf16, else fp32), fp32, bf16, fp16",
                          choices=["auto", "fp32", "bf16", "fp16"])
     deterministic: bool = arg(False, "deterministic kernels (CUDA: slower) and one CPU thread: bit-identical reruns")
-    data_dir: str = arg("", "folder in the layout of shared/data (default: $LIS_SHARED_DATA or ../shared/data)")
+    data_dir: str = arg("", "folder of the offline text data (default: $LIS_SHARED_DATA, ./data, ../shared/data)")
     source: str = arg("auto", "where data comes from: local files, the HF hub, or auto (local when present)",
                       choices=list(text_data.SOURCES))
     out_dir: str = arg("runs", "parent of the run directory")
@@ -646,7 +646,7 @@ def main(args: Args) -> dict:
     device = utils.resolve_device(args.device)
     amp_dtype, use_scaler = utils.resolve_precision(args.precision, device)
     utils.seed_everything(args.seed, args.deterministic)
-    data_dir = Path(args.data_dir) if args.data_dir else utils.shared_data_dir()
+    data_dir = utils.resolve_text_data_dir(args.data_dir)
     regression = args.task in text_data.REGRESSION_TASKS
     num_labels = 1 if regression else len(text_data.label_names(args.task))
 
