@@ -127,10 +127,11 @@ class Args:
     exp_name: str = arg("", "run directory name (default: method__xnli__source-langs__seed__time)")
     seed: int = arg(0, "random seed (subsets, initialisation, data order, sampling)")
     device: str = arg("auto", "auto, cpu, cuda or cuda:N")
-    precision: str = arg("auto", "auto (bf16 on CUDA if supported, fp16 on older GPUs; on CPU bf16 if it has native bf16, else fp32), fp32, bf16, fp16",
+    precision: str = arg("auto", "auto (bf16 on CUDA if supported, fp16 on older GPUs; on CPU bf16 if it has "
+                         "native bf16, else fp32), fp32, bf16, fp16",
                          choices=["auto", "fp32", "bf16", "fp16"])
     deterministic: bool = arg(False, "ask PyTorch for deterministic kernels (CUDA: slower)")
-    data_dir: str = arg("", "folder in the layout of shared/data (default: $LIS_SHARED_DATA or ../shared/data)")
+    data_dir: str = arg("", "folder of the offline text data (default: $LIS_SHARED_DATA, ./data, ../shared/data)")
     data_source: str = arg("auto", "auto: local files where present, else the HF hub (labelled copies are "
                            "fetched from the hub when a local split has no labels); local; hub",
                            choices=["auto", "local", "hub"])
@@ -183,26 +184,26 @@ class Args:
     max_length: int = arg(128, "max tokens per pair (premise + hypothesis)")
     freeze_embeddings: bool = arg(False, "freeze the word-embedding matrix (CPU preset: speed; also leaves the "
                                   "target-language embeddings as pretrained)")
-    classifier_dropout: float = arg(0.1, "dropout before the classifier (BertForSequenceClassification's)")
-    con_dim: int = arg(0, "output size of the linear contrastive head theta_con (0: hidden size)")
+    classifier_dropout: float = arg(0.1, "dropout before the classifier (BertForSequenceClassification's)", lt=1)
+    con_dim: int = arg(0, "output size of the linear contrastive head theta_con (0: hidden size)", ge=0)
     max_grad_norm: float = arg(1.0, "gradient-norm clipping in every stage (0: off)")
     eval_batch_size: int = arg(128, "batch size of prediction passes (evaluation, pseudo-labeling)")
     # -- stage 0 (ours: conventional fine-tuning)
     s0_epochs: int = arg(2, "stage 0: epochs over the source data")
-    s0_lr: float = arg(2e-5, "stage 0: AdamW learning rate (peak)")
+    s0_lr: float = arg(2e-5, "stage 0: AdamW learning rate (peak)", gt=0)
     s0_batch_size: int = arg(32, "stage 0: batch size")
     s0_weight_decay: float = arg(0.01, "stage 0: AdamW weight decay")
-    s0_warmup: float = arg(0.1, "stage 0: fraction of steps of linear warm-up (then linear decay to 0)")
-    s0_eval_every: int = arg(0, "stage 0: evaluate every N steps (0: once per epoch)")
+    s0_warmup: float = arg(0.1, "stage 0: fraction of steps of linear warm-up (then linear decay to 0)", lt=1)
+    s0_eval_every: int = arg(0, "stage 0: evaluate every N steps (0: once per epoch)", ge=0)
     # -- stage 1 (CoNL)
     s1_epochs: int = arg(1, "stage 1: epochs over the target pool (paper: 1)")
-    s1_lr: float = arg(2e-6, "stage 1: Adam learning rate (paper: 2e-6 mBERT, 5e-6 XLM-R)")
+    s1_lr: float = arg(2e-6, "stage 1: Adam learning rate (paper: 2e-6 mBERT, 5e-6 XLM-R)", gt=0)
     s1_batch_size: int = arg(32, "stage 1: anchors per step (not given in the paper)")
     s1_source_batch_size: int = arg(32, "stage 1: source pairs per step for L_CLCS (N in Eq. 7; not given)")
-    s1_eval_every: int = arg(0, "stage 1: evaluate every N steps (0: at the end of each epoch)")
-    gamma: float = arg(0.9, "Eq. 4/5 confidence threshold gamma (not given; Table 4's high bin edge)")
+    s1_eval_every: int = arg(0, "stage 1: evaluate every N steps (0: at the end of each epoch)", ge=0)
+    gamma: float = arg(0.9, "Eq. 4/5 confidence threshold gamma (not given; Table 4's high bin edge)", gt=0, le=1)
     k_neg: int = arg(8, "Eq. 5: negatives per anchor K (not given)")
-    tau: float = arg(1.0, "Eq. 6 temperature (not given; Prototypical Networks use none, i.e. 1)")
+    tau: float = arg(1.0, "Eq. 6 temperature (not given; Prototypical Networks use none, i.e. 1)", gt=0)
     distance: str = arg("sqeuclidean", "Eq. 6 distance: squared Euclidean (Snell et al.) or Euclidean",
                         choices=["sqeuclidean", "euclidean"])
     con_normalize: bool = arg(False, "L2-normalize the contrastive head's output before the distance")
@@ -213,15 +214,15 @@ class Args:
     lambda_clcs: float = arg(1e-3, "Eq. 8 lambda (paper: 0.001)")
     # -- stage 2 (self-training)
     s2_iterations: int = arg(3, "stage 2: self-training iterations (pseudo-label, select, one pass; not given)")
-    s2_lr: float = arg(2e-5, "stage 2: Adam learning rate (not given; ours: stage 0's)")
+    s2_lr: float = arg(2e-5, "stage 2: Adam learning rate (not given; ours: stage 0's)", gt=0)
     s2_batch_size: int = arg(32, "stage 2: target views per step")
     s2_source_batch_size: int = arg(32, "stage 2: source pairs per step (l_sup, Eq. 13)")
     lambda_u: float = arg(1.0, "Eq. 12 weight of the target loss (paper: 1); 0 = a source-only control")
-    flex_threshold: float = arg(0.95, "FlexMatch base threshold (FlexMatch's default)")
+    flex_threshold: float = arg(0.95, "FlexMatch base threshold (FlexMatch's default)", gt=0, le=1)
     flex_mapping: str = arg("convex", "FlexMatch mapping M: convex x/(2-x) or linear x", choices=["convex", "linear"])
     flex_warmup: bool = arg(True, "FlexMatch threshold warm-up (unused samples count in the normalizer)")
-    mask_ratio: float = arg(0.15, "random masking: probability of masking each token (not given)")
-    mixup_alpha: float = arg(4.0, "Eq. 11 Beta(alpha, alpha) (paper: 4)")
+    mask_ratio: float = arg(0.15, "random masking: probability of masking each token (not given)", lt=1)
+    mixup_alpha: float = arg(4.0, "Eq. 11 Beta(alpha, alpha) (paper: 4)", gt=0)
     bt: str = arg("mbart", "back-translations from: mbart (mBART-50, computed once and cached), file (--bt-file), "
                   "off", choices=["mbart", "file", "off"])
     bt_file: str = arg("", "precomputed back-translations: TSV lines 'original<TAB>back-translation' (any languages)")
@@ -263,7 +264,9 @@ def resolve_langs(args: Args) -> list[str]:
 
 
 def validate(args: Args) -> None:
-    """Check the values argparse cannot; each failure is one line naming the flag."""
+    """Check the values argparse cannot; each failure is one line naming the flag. check_args (types and
+    bounds of every field) also covers a --resume run's args.json and Args built in code."""
+    utils.check_args(args)
     langs = resolve_langs(args)
     if not langs:
         raise UsageError("--langs: give at least one XNLI language, or 'all'")
@@ -277,28 +280,6 @@ def validate(args: Args) -> None:
     if args.pool_split == args.eval_split:
         raise UsageError(f"--pool-split {args.pool_split}: equals --eval-split; the unlabeled pool must not be "
                          "the evaluation set")
-    for name in ("s0_epochs", "s1_epochs", "s2_iterations", "s0_batch_size", "s1_batch_size",
-                 "s1_source_batch_size", "s2_batch_size", "s2_source_batch_size", "k_neg", "max_length",
-                 "eval_batch_size", "bt_batch_size"):
-        if getattr(args, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
-    for name in ("limit_train", "limit_pool", "limit_eval", "max_steps"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1 (leave it out for no limit)")
-    for name in ("s0_lr", "s1_lr", "s2_lr", "tau", "mixup_alpha"):
-        if getattr(args, name) <= 0:
-            raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be > 0")
-    for name in ("lambda_clcs", "lambda_u", "max_grad_norm", "s0_weight_decay", "s0_eval_every", "s1_eval_every",
-                 "con_dim"):
-        if getattr(args, name) < 0:
-            raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 0")
-    if not 0 < args.gamma <= 1:
-        raise UsageError(f"--gamma {args.gamma}: must be in (0, 1]")
-    if not 0 < args.flex_threshold <= 1:
-        raise UsageError(f"--flex-threshold {args.flex_threshold}: must be in (0, 1]")
-    for name in ("mask_ratio", "classifier_dropout", "s0_warmup"):
-        if not 0 <= getattr(args, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be in [0, 1)")
     if args.source_task == "snli" and not set(args.source_splits) <= {"dev", "test", "train"}:
         raise UsageError(f"--source-splits {' '.join(args.source_splits)}: snli has train, dev, test")
     if args.wo_conl and (args.wo_cl or args.wo_clcs):
@@ -1556,12 +1537,13 @@ def main(args: Args) -> dict:
 # =========================================================================================
 # Speed: the method's steps against their baselines on the same batches, in one process
 # =========================================================================================
-def speed_steps(args: Args, lang: str | None = None) -> dict[str, Callable[[], float]]:
+def speed_steps(args: Args, lang: str | None = None, pick: Callable | None = None) -> dict[str, Callable[[], float]]:
     """Zero-argument callables, each one full training step (forward, loss, backward, optimizer
     step with lr 0) on a fixed batch: 'ft' (plain fine-tuning, ft_step) and 'conl' (stage 1,
     conl_step) share their source pairs; 'fixmatch' (plain FixMatch, fixmatch_step) and 'st'
     (stage 2, st_step) share their target and source pairs. The model is `args`'s encoder with
     fresh heads; in the stage-1 batch every anchor has K valid negatives (the costliest case).
+    `pick(items, n)` chooses the rows of each batch (default: the first n, cycling when fewer).
     Writes nothing. For benchmarks/speed.py and time_steps."""
     validate(args)
     device = utils.resolve_device(args.device)
@@ -1582,10 +1564,11 @@ def speed_steps(args: Args, lang: str | None = None) -> dict[str, Callable[[], f
     probs = F.one_hot(torch.arange(b1) % NUM_CLASSES, NUM_CLASSES).float()
     comp = complementary_labels_eq4(probs, args.gamma, args.comp_label)
     neg_idx, neg_valid = sample_negatives_eq5(comp, hc_idx, hc_label, args.k_neg, args.neg_sharing)
-    anchors = [pool[i % len(pool)] for i in range(b1)]
-    src1 = data.source[:b1]
-    tgt = [pool[i % len(pool)] for i in range(b2)]
-    src2 = data.source[:args.s2_source_batch_size]
+    pick = pick or (lambda items, n: [i % len(items) for i in range(n)])
+    anchors = [pool[i] for i in pick(pool, b1)]
+    src1 = [data.source[i] for i in pick(data.source, b1)]
+    tgt = [pool[i] for i in pick(pool, b2)]
+    src2 = [data.source[i] for i in pick(data.source, args.s2_source_batch_size)]
     kinds = [("mask", "mixup")[i % 2] for i in range(b2)]
     batches = {"ft": (ft_step, make_ft_batch(ctx, src1)),
                "conl": (conl_step, make_conl_batch(ctx, anchors, comp, neg_idx, neg_valid,

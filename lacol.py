@@ -41,7 +41,6 @@ Readings of the paper (README "paper vs. code" has the full list):
 from __future__ import annotations
 
 import dataclasses
-import math
 import sys
 import time
 from dataclasses import dataclass
@@ -73,7 +72,8 @@ class Args:
     exp_name: str = arg("", "run directory name (default: method__dataset__noise__seed__time)")
     seed: int = arg(0, "random seed (noise, subsets, initialisation, data order)")
     device: str = arg("auto", "auto, cpu, cuda or cuda:N")
-    precision: str = arg("auto", "auto (bf16 on CUDA if supported, fp16 on older GPUs; on CPU bf16 if it has native bf16, else fp32), fp32, bf16, fp16",
+    precision: str = arg("auto", "auto (bf16 on CUDA if supported, fp16 on older GPUs; on CPU bf16 if it has "
+                         "native bf16, else fp32), fp32, bf16, fp16",
                          choices=["auto", "fp32", "bf16", "fp16"])
     deterministic: bool = arg(False, "deterministic kernels (CUDA: slower) and one CPU thread: bit-identical reruns")
     data_dir: str = arg("data", "where data sets live / are downloaded to")
@@ -86,7 +86,7 @@ class Args:
                                "and summary.json) instead of stopping the run with exit code 4")
     limit_train: int | None = arg(None, "use a fixed random subset of this many training samples (default: all)")
     limit_eval: int | None = arg(None, "evaluate on the first N test samples (default: all)")
-    num_workers: int = arg(2, "DataLoader worker processes producing the augmented views")
+    num_workers: int = arg(2, "DataLoader worker processes producing the augmented views", ge=0)
     preset: str | None = arg(None, "named group of settings, applied before the other flags")
     # -- data and noise
     dataset: str = arg("cifar10", "data set", choices=list(image_data.IMAGE_DATASETS))
@@ -103,15 +103,16 @@ class Args:
     # -- optimisation
     epochs: int = arg(200, "training epochs (warm-up included)")
     batch_size: int = arg(128, "batch size (not given in the paper; PES's)")
-    lr: float = arg(0.1, "initial learning rate (SGD)")
+    lr: float = arg(0.1, "initial learning rate (SGD)", gt=0)
     momentum: float = arg(0.9, "SGD momentum")
     weight_decay: float = arg(1e-4, "weight decay")
     milestones: list[int] = arg([100, 150], "epochs at which the learning rate is multiplied by --lr-gamma")
-    lr_gamma: float = arg(0.1, "learning-rate decay factor at each milestone")
-    warmup_epochs: int = arg(25, "epochs of plain CE on the weak view before the LaCoL losses (Alg. 1, line 1)")
+    lr_gamma: float = arg(0.1, "learning-rate decay factor at each milestone", gt=0)
+    warmup_epochs: int = arg(25, "epochs of plain CE on the weak view before the LaCoL losses (Alg. 1, line 1)",
+                              ge=0)
     # -- LaCoL
-    tau: float = arg(0.2, "temperature of L_MS and W^m")
-    rho: float = arg(0.8, "threshold on label-space similarity in W^l (Eq. 5)")
+    tau: float = arg(0.2, "temperature of L_MS and W^m", gt=0)
+    rho: float = arg(0.8, "threshold on label-space similarity in W^l (Eq. 5)", le=1)
     lambda_ms: float = arg(1.0, "weight of L_MS")
     lambda_sc: float = arg(0.5, "weight of L_SC")
     k_neg: int = arg(15, "negatives per anchor (Eq. 1)")
@@ -125,8 +126,9 @@ class Args:
     wo_ms: bool = arg(False, "ablation: without L_MS (Table 4)")
     wo_sc: bool = arg(False, "ablation: without L_SC (Table 4)")
     wo_diversity: bool = arg(False, "ablation: select and train L_LS on the same weak view (Table 4)")
-    randaug_ops: int = arg(2, "RandAugment: operations per strong view (N; not given in the paper)")
-    randaug_magnitude: int = arg(9, "RandAugment: magnitude (M, of 31 bins; not given in the paper)")
+    randaug_ops: int = arg(2, "RandAugment: operations per strong view (N; not given in the paper)", ge=0)
+    randaug_magnitude: int = arg(9, "RandAugment: magnitude (M, of 31 bins; not given in the paper)",
+                                 ge=0, le=30)
 
 
 PRESETS = {
@@ -147,22 +149,11 @@ PRESETS = {
 
 
 def validate(args: Args) -> None:
-    """Check the values argparse cannot; each failure is one line naming the flag."""
+    """Check the values argparse cannot; each failure is one line naming the flag. check_args (types and
+    bounds of every field) also covers a --resume run's args.json and Args built in code."""
+    utils.check_args(args)
     if args.noise_file == "":
         label_noise.parse_noise(args.noise)
-    for name in ("epochs", "batch_size", "k_neg", "proj_dim"):
-        if getattr(args, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
-    for name in ("limit_train", "limit_eval", "max_steps"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1 (leave it out for no limit)")
-    for name in ("warmup_epochs", "num_workers"):
-        if getattr(args, name) < 0:
-            raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 0")
-    if args.tau <= 0:
-        raise UsageError(f"--tau {args.tau}: must be > 0")
-    if not 0 <= args.rho <= 1:
-        raise UsageError(f"--rho {args.rho}: must be in [0, 1]")
     if args.method == "lacol" and not args.wo_ms and args.k_neg > args.batch_size - 1:
         raise UsageError(f"--k-neg {args.k_neg}: the negatives of an anchor come from its batch, so at most "
                          f"--batch-size - 1 = {args.batch_size - 1} are possible")

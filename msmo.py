@@ -173,7 +173,8 @@ class Args:
     exp_name: str = arg("", "run directory name (default: method__xabsa_DOMAIN__en-LANG__seedN__time)")
     seed: int = arg(0, "random seed (initialisation, data order, dropout)")
     device: str = arg("auto", "auto, cpu, cuda or cuda:N")
-    precision: str = arg("auto", "auto (bf16 on CUDA if supported, fp16 on older GPUs; on CPU bf16 if it has native bf16, else fp32), fp32, bf16, fp16",
+    precision: str = arg("auto", "auto (bf16 on CUDA if supported, fp16 on older GPUs; on CPU bf16 if it has "
+                         "native bf16, else fp32), fp32, bf16, fp16",
                          choices=["auto", "fp32", "bf16", "fp16"])
     deterministic: bool = arg(False, "ask PyTorch for deterministic kernels (CUDA: slower)")
     data_dir: str = arg("", "folder in the layout of shared/data holding xabsa/DOMAIN/*.txt "
@@ -197,20 +198,20 @@ class Args:
     domain: str = arg("rest", "XABSA domain folder under xabsa/")
     tagging: str = arg("bieos", "tag scheme: bieos (XABSA, the repository) or bio (the summary's wording)",
                        choices=["bieos", "bio"])
-    max_len: int = arg(128, "maximum sub-tokens per sentence, special tokens included")
+    max_len: int = arg(128, "maximum sub-tokens per sentence, special tokens included", ge=8)
     # -- method
     method: str = arg("msmo", "msmo, a baseline (acs, zero_shot, supervised) or distill (MSMO-Distill from "
                               "--teachers)", choices=list(METHODS))
     # -- optimisation
-    lr: float = arg(5e-5, "learning rate (Adam, linear decay to 0, no warm-up)")
+    lr: float = arg(5e-5, "learning rate (Adam, linear decay to 0, no warm-up)", gt=0)
     head_lr: float | None = arg(None, "teacher training: learning rate of the linear tagger head (default: --lr, as "
-                                      "the repository; the distilled student uses --distill-lr throughout)")
+                                      "the repository; the distilled student uses --distill-lr throughout)", gt=0)
     batch_size: int = arg(16, "sentences per tagging-CE batch")
     steps: int = arg(2000, "encoder optimizer steps of teacher training")
-    max_grad_norm: float = arg(1.0, "gradient-norm clip of the encoder and tagger")
+    max_grad_norm: float = arg(1.0, "gradient-norm clip of the encoder and tagger", gt=0)
     freeze_embeddings: bool = arg(False, "keep the word-embedding matrix fixed (CPU preset)")
     eval_every: int = arg(100, "evaluate (and checkpoint) every N steps, and at the end")
-    select_from: int = arg(1500, "model selection: best dev F1 among evaluations at step >= N")
+    select_from: int = arg(1500, "model selection: best dev F1 among evaluations at step >= N", ge=0)
     select_dev: str = arg("auto", "dev set for model selection: en, target, or auto (target for supervised, "
                                   "else English)", choices=["auto", "en", "target"])
     test_every_eval: bool = arg(False, "evaluate the test sets at every evaluation (default: at each new best "
@@ -220,13 +221,13 @@ class Args:
     adversary: str = arg("wgan", "wgan: Wasserstein critic (repository); grl: language classifier behind "
                                  "gradient reversal (the summary's 'flipping gradients')", choices=["wgan", "grl"])
     lambda_adv: float = arg(0.01, "weight of the adversarial term in the encoder's loss")
-    critic_clip: float = arg(0.01, "wgan: critic weights clipped to [-c, c]")
+    critic_clip: float = arg(0.01, "wgan: critic weights clipped to [-c, c]", gt=0)
     critic_steps: int = arg(5, "wgan: critic updates per encoder step")
     critic_steps_warm: int = arg(10, "wgan: critic updates in the first --critic-warm-steps steps and every "
                                      "--critic-warm-every-th")
-    critic_warm_steps: int = arg(25, "wgan: steps with --critic-steps-warm critic updates at the start")
+    critic_warm_steps: int = arg(25, "wgan: steps with --critic-steps-warm critic updates at the start", ge=0)
     critic_warm_every: int = arg(500, "wgan: every N-th step also gets --critic-steps-warm updates")
-    critic_lr: float | None = arg(None, "critic / language-classifier learning rate (Adam; default --lr)")
+    critic_lr: float | None = arg(None, "critic / language-classifier learning rate (Adam; default --lr)", gt=0)
     critic_data: str = arg("batch", "batch: critic steps reuse the encoder step's detached features; fresh: new "
                                     "source/target batches per critic step, encoded without gradient (repository)",
                            choices=["batch", "fresh"])
@@ -243,7 +244,7 @@ class Args:
                                   "(smt-XX <-> cs_en-XX) or both", choices=["both", "source", "target"])
     schedule: str = arg("two-step", "two-step: adversarial alignment, then consistency (summary); joint: all "
                                     "terms every step (repository)", choices=["two-step", "joint"])
-    two_step_split: float = arg(0.5, "two-step: fraction of --steps spent in the adversarial step")
+    two_step_split: float = arg(0.5, "two-step: fraction of --steps spent in the adversarial step", gt=0, lt=1)
     # -- MSMO-Distill
     distill: bool = arg(False, "after training, distil into a student in the same run (teachers: this run's "
                                "selected model + --teachers)")
@@ -251,7 +252,7 @@ class Args:
     student_init: str = arg("", "--method distill: run directory whose selected model starts the student "
                                 "(default: the first teacher)")
     distill_steps: int = arg(1000, "student optimizer steps")
-    distill_lr: float | None = arg(None, "student learning rate (default --lr)")
+    distill_lr: float | None = arg(None, "student learning rate (default --lr)", gt=0)
 
 
 PRESETS = {
@@ -279,29 +280,9 @@ BETA_TABLE = {"mbert": {"fr": 4.5e-4, "es": 2.5e-4, "nl": 2.5e-4, "ru": 3.5e-4},
 
 
 def validate(args: Args) -> None:
-    """Check the values argparse cannot; each failure is one line naming the flag."""
-    def flag(name: str) -> str:
-        return "--" + name.replace("_", "-")
-
-    for name in ("batch_size", "steps", "eval_every", "critic_steps", "critic_steps_warm", "critic_warm_every",
-                 "cons_batch", "distill_steps"):
-        if getattr(args, name) < 1:
-            raise UsageError(f"{flag(name)} {getattr(args, name)}: must be >= 1")
-    for name in ("limit_train", "limit_eval", "max_steps"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise UsageError(f"{flag(name)} {getattr(args, name)}: must be >= 1 (leave it out for no limit)")
-    for name in ("critic_warm_steps", "select_from", "lambda_adv"):
-        if getattr(args, name) < 0:
-            raise UsageError(f"{flag(name)} {getattr(args, name)}: must be >= 0")
-    for name in ("lr", "head_lr", "critic_clip", "max_grad_norm", "critic_lr", "distill_lr"):
-        if getattr(args, name) is not None and not getattr(args, name) > 0:
-            raise UsageError(f"{flag(name)} {getattr(args, name)}: must be > 0")
-    if args.beta is not None and args.beta < 0:
-        raise UsageError(f"--beta {args.beta}: must be >= 0")
-    if args.max_len < 8:
-        raise UsageError(f"--max-len {args.max_len}: must be >= 8")
-    if not 0 < args.two_step_split < 1:
-        raise UsageError(f"--two-step-split {args.two_step_split}: must be in (0, 1)")
+    """Check the values argparse cannot; each failure is one line naming the flag. check_args (types and
+    bounds of every field) also covers a --resume run's args.json and Args built in code."""
+    utils.check_args(args)
     for lang in args.eval_langs:
         if lang not in XABSA_LANGS:
             raise UsageError(f"--eval-langs {lang}: allowed are {', '.join(XABSA_LANGS)}")

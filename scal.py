@@ -112,7 +112,8 @@ class Args:
     exp_name: str = arg("", "run directory name (default: method__task__setting__seed__time)")
     seed: int = arg(0, "random seed (initialisation of the heads, data order, dropout)")
     device: str = arg("auto", "auto, cpu, cuda or cuda:N")
-    precision: str = arg("auto", "auto (bf16 on CUDA if supported, fp16 on older GPUs; on CPU bf16 if it has native bf16, else fp32), fp32, bf16, fp16",
+    precision: str = arg("auto", "auto (bf16 on CUDA if supported, fp16 on older GPUs; on CPU bf16 if it has "
+                         "native bf16, else fp32), fp32, bf16, fp16",
                          choices=["auto", "fp32", "bf16", "fp16"])
     deterministic: bool = arg(False, "deterministic kernels (CUDA: slower) and one CPU thread: bit-identical reruns")
     data_dir: str = arg("", "folder of the offline text data (default: $LIS_SHARED_DATA, ./data, ../shared/data)")
@@ -136,7 +137,7 @@ class Args:
     train_split: str = arg("train", "split to train on (local AG News has only dev and test: --train-split dev)")
     model: str = arg("bert-base-uncased", "encoder: HF hub name, local directory, minilm-l6 / e5-small (offline "
                      "wheels) or tiny (random 2-layer BERT, for smoke runs only)")
-    max_length: int = arg(128, "maximum tokens per example (pairs: longest-first truncation)")
+    max_length: int = arg(128, "maximum tokens per example (pairs: longest-first truncation)", ge=8)
     # -- method
     method: str = arg("scal", "scal, ft (fine-tuning), adv (+AT: adversarial CE only), cl (+CL: contrastive only)",
                       choices=list(METHODS))
@@ -144,7 +145,7 @@ class Args:
                       choices=["fgm", "fgsm"])
     epsilon: float = arg(0.3, "perturbation size (paper: searched in {0.1, ..., 0.5}, per-task value not given)")
     alpha: float = arg(0.5, "weight of the contrastive term in Eq. 8 (paper: 'less than one', value not given)")
-    tau: float = arg(0.05, "temperature of the InfoNCE (Eq. 7)")
+    tau: float = arg(0.05, "temperature of the InfoNCE (Eq. 7)", gt=0)
     ct_denominator: str = arg("adv", "Eq. 7 denominator: adv (sum over z_k^adv, our reading) or anchor (literal z_k)",
                               choices=["adv", "anchor"])
     cl_positive: str = arg("dropout", "positive of --method cl: dropout (second pass, SimCSE) or adv "
@@ -152,12 +153,12 @@ class Args:
     # -- optimisation
     epochs: int = arg(15, "maximum training epochs (with early stopping)")
     batch_size: int = arg(32, "batch size (paper: 32 with BERT, 16 with RoBERTa)")
-    lr: float = arg(3e-5, "peak learning rate (AdamW)")
+    lr: float = arg(3e-5, "peak learning rate (AdamW)", gt=0)
     weight_decay: float = arg(0.01, "AdamW weight decay (not on biases and LayerNorm)")
-    warmup_ratio: float = arg(0.1, "fraction of the planned steps with linear warm-up, then linear decay to 0")
+    warmup_ratio: float = arg(0.1, "fraction of the planned steps with linear warm-up, then linear decay to 0", lt=1)
     max_grad_norm: float = arg(1.0, "clip the gradient norm (0: no clipping)")
-    patience: int = arg(3, "stop after this many evaluations without improvement (0: never stop early)")
-    eval_every: int = arg(0, "evaluate every N steps (0: at the end of every epoch)")
+    patience: int = arg(3, "stop after this many evaluations without improvement (0: never stop early)", ge=0)
+    eval_every: int = arg(0, "evaluate every N steps (0: at the end of every epoch)", ge=0)
     eval_batch_size: int = arg(64, "batch size for evaluation")
     # -- robustness evaluation
     robust_eval: bool = arg(True, "also evaluate under a white-box attack on the input embeddings (adv_ metrics)")
@@ -190,31 +191,9 @@ PRESETS = {
 
 
 def validate(args: Args) -> None:
-    """Check the values argparse cannot; each failure is one line naming the flag."""
-    for name in ("epochs", "batch_size", "eval_batch_size"):
-        if getattr(args, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
-    for name in ("limit_train", "limit_eval", "max_steps"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1 "
-                             "(leave it out for no limit)")
-    for name in ("patience", "eval_every", "max_grad_norm", "weight_decay"):
-        if getattr(args, name) < 0:
-            raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 0")
-    if args.max_length < 8:
-        raise UsageError(f"--max-length {args.max_length}: must be >= 8")
-    if args.epsilon < 0:
-        raise UsageError(f"--epsilon {args.epsilon}: must be >= 0")
-    if args.robust_epsilon is not None and args.robust_epsilon < 0:
-        raise UsageError(f"--robust-epsilon {args.robust_epsilon}: must be >= 0")
-    if args.alpha < 0:
-        raise UsageError(f"--alpha {args.alpha}: must be >= 0")
-    if args.tau <= 0:
-        raise UsageError(f"--tau {args.tau}: must be > 0")
-    if args.lr <= 0:
-        raise UsageError(f"--lr {args.lr}: must be > 0")
-    if not 0 <= args.warmup_ratio < 1:
-        raise UsageError(f"--warmup-ratio {args.warmup_ratio}: must be in [0, 1)")
+    """Check the values argparse cannot; each failure is one line naming the flag. check_args (types and
+    bounds of every field) also covers a --resume run's args.json and Args built in code."""
+    utils.check_args(args)
     if args.method in ("scal", "cl") and args.batch_size < 2:
         raise UsageError(f"--batch-size {args.batch_size}: the contrastive term needs >= 2 (in-batch negatives)")
     for t in args.train_tasks:
@@ -481,11 +460,13 @@ def infonce_eq7(z: torch.Tensor, z_pos: torch.Tensor, tau: float, denominator: s
     denominator "adv" (our reading): d_k = z+_k, the positives of the batch (the other
     adversarial views are the negatives), as in the generic Eq. 4. "anchor" (literal): d_k =
     z_k, the clean vectors of the batch (k = i included)."""
-    # fp32 on purpose (also under bf16 autocast): a softmax over a similarity matrix divided by a small tau
-    z, z_pos = F.normalize(z.float(), dim=-1), F.normalize(z_pos.float(), dim=-1)
-    pos = (z * z_pos).sum(-1) / tau
-    other = z_pos if denominator == "adv" else z
-    return (torch.logsumexp(z @ other.t() / tau, dim=1) - pos).mean()
+    # fp32 on purpose, autocast off (it would run the matmul in bf16 even on fp32 inputs): a softmax over
+    # cosine similarities divided by tau 0.05 turns bf16's rounding (~4e-3) into ~0.08 in the logits
+    with torch.autocast(z.device.type, enabled=False):
+        z, z_pos = F.normalize(z.float(), dim=-1), F.normalize(z_pos.float(), dim=-1)
+        pos = (z * z_pos).sum(-1) / tau
+        other = z_pos if denominator == "adv" else z
+        return (torch.logsumexp(z @ other.t() / tau, dim=1) - pos).mean()
 
 
 def scal_total_eq8(ce: torch.Tensor, ce_adv: torch.Tensor, l_ct: torch.Tensor, alpha: float) -> torch.Tensor:

@@ -95,7 +95,8 @@ class Args:
     exp_name: str = arg("", "run directory name (default: method__data__setting__seed__time)")
     seed: int = arg(0, "random seed (initialisation of the MLP, data order, dropout)")
     device: str = arg("auto", "auto, cpu, cuda or cuda:N")
-    precision: str = arg("auto", "auto (bf16 on CUDA if supported, fp16 on older GPUs; on CPU bf16 if it has native bf16, else fp32), fp32, bf16, fp16",
+    precision: str = arg("auto", "auto (bf16 on CUDA if supported, fp16 on older GPUs; on CPU bf16 if it has "
+                         "native bf16, else fp32), fp32, bf16, fp16",
                          choices=["auto", "fp32", "bf16", "fp16"])
     deterministic: bool = arg(False, "deterministic kernels (CUDA: slower) and one CPU thread: bit-identical reruns")
     data_dir: str = arg("", "folder of the offline text data (default: $LIS_SHARED_DATA, ./data, ../shared/data)")
@@ -118,8 +119,8 @@ class Args:
                           "train sentences, offline)", choices=["wiki1m", "senteval"])
     model: str = arg("bert-base-uncased", "encoder: HF hub name, local directory, minilm-l6 / e5-small (offline "
                      "wheels) or tiny (random 2-layer BERT, for smoke runs only)")
-    max_length: int = arg(32, "maximum tokens per training sentence")
-    eval_max_length: int = arg(128, "maximum tokens per evaluation sentence")
+    max_length: int = arg(32, "maximum tokens per training sentence", ge=4)
+    eval_max_length: int = arg(128, "maximum tokens per evaluation sentence", ge=4)
     eval_pooling: str = arg("cls_before_pooler", "sentence vector at evaluation: cls_before_pooler ([CLS], no MLP; "
                             "paper), cls ([CLS] through the MLP), avg (mean over tokens)",
                             choices=["cls_before_pooler", "cls", "avg"])
@@ -128,13 +129,13 @@ class Args:
     attack: str = arg("fgm", "perturbation: fgm (Eq. 9, eps * g/||g||_2 per sentence) or fgsm (eps * sign g)",
                       choices=["fgm", "fgsm"])
     epsilon: float = arg(0.3, "perturbation size (not given for USCAL; middle of the paper's SCAL grid)")
-    tau: float = arg(0.05, "temperature of the InfoNCE (Eq. 4)")
+    tau: float = arg(0.05, "temperature of the InfoNCE (Eq. 4)", gt=0)
     # -- optimisation
     epochs: int = arg(1, "training epochs (SimCSE: one pass over wiki1m)")
     batch_size: int = arg(64, "batch size (sentences; each gives 2 or 3 passes)")
-    lr: float = arg(3e-5, "peak learning rate (AdamW; SimCSE used 1e-5 for RoBERTa-base)")
+    lr: float = arg(3e-5, "peak learning rate (AdamW; SimCSE used 1e-5 for RoBERTa-base)", gt=0)
     weight_decay: float = arg(0.01, "AdamW weight decay (not on biases and LayerNorm)")
-    warmup_ratio: float = arg(0.1, "fraction of the planned steps with linear warm-up, then linear decay to 0")
+    warmup_ratio: float = arg(0.1, "fraction of the planned steps with linear warm-up, then linear decay to 0", lt=1)
     max_grad_norm: float = arg(1.0, "clip the gradient norm (0: no clipping)")
     eval_every: int = arg(250, "evaluate on STS-B dev every N steps (and at the end)")
     eval_batch_size: int = arg(128, "sentences per batch when encoding for evaluation")
@@ -154,28 +155,11 @@ PRESETS = {
 
 
 def validate(args: Args) -> None:
-    """Check the values argparse cannot; each failure is one line naming the flag."""
-    for name in ("epochs", "eval_batch_size", "eval_every"):
-        if getattr(args, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
+    """Check the values argparse cannot; each failure is one line naming the flag. check_args (types and
+    bounds of every field) also covers a --resume run's args.json and Args built in code."""
+    utils.check_args(args)
     if args.batch_size < 2:
         raise UsageError(f"--batch-size {args.batch_size}: the contrastive loss needs >= 2 (in-batch negatives)")
-    for name in ("limit_train", "limit_eval", "max_steps"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1 "
-                             "(leave it out for no limit)")
-    for name in ("max_grad_norm", "weight_decay", "alpha", "epsilon"):
-        if getattr(args, name) < 0:
-            raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 0")
-    for name in ("max_length", "eval_max_length"):
-        if getattr(args, name) < 4:
-            raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 4")
-    if args.tau <= 0:
-        raise UsageError(f"--tau {args.tau}: must be > 0")
-    if args.lr <= 0:
-        raise UsageError(f"--lr {args.lr}: must be > 0")
-    if not 0 <= args.warmup_ratio < 1:
-        raise UsageError(f"--warmup-ratio {args.warmup_ratio}: must be in [0, 1)")
 
 
 # =========================================================================================
@@ -259,10 +243,12 @@ def tokenize_batch(tokenizer, sentences: list[str], max_length: int, device) -> 
 def infonce_eq4(z_anchor: torch.Tensor, z_other: torch.Tensor, tau: float) -> torch.Tensor:
     """Eq. 4: mean_i -log( exp(sim(a_i, o_i)/tau) / sum_k exp(sim(a_i, o_k)/tau) ), cosine
     similarity; the positive of anchor i is o_i, the negatives the other rows of o."""
-    # fp32 on purpose (also under bf16 autocast): a softmax over a similarity matrix divided by a small tau
-    a, o = F.normalize(z_anchor.float(), dim=-1), F.normalize(z_other.float(), dim=-1)
-    logits = a @ o.t() / tau
-    return F.cross_entropy(logits, torch.arange(len(a), device=a.device))
+    # fp32 on purpose, autocast off (it would run the matmul in bf16 even on fp32 inputs): a softmax over
+    # cosine similarities divided by tau 0.05 turns bf16's rounding (~4e-3) into ~0.08 in the logits
+    with torch.autocast(z_anchor.device.type, enabled=False):
+        a, o = F.normalize(z_anchor.float(), dim=-1), F.normalize(z_other.float(), dim=-1)
+        logits = a @ o.t() / tau
+        return F.cross_entropy(logits, torch.arange(len(a), device=a.device))
 
 
 def fgm_perturbation_eq9(grad: torch.Tensor, epsilon: float) -> torch.Tensor:

@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import datetime as _dt
 import json
+import math
 import os
 import platform
 import random
@@ -74,18 +75,89 @@ def cli_errors() -> Iterator[None]:
 # ------------------------------------------------------------------------------------------
 # Arguments: a dataclass with a help string per field -> argparse
 # ------------------------------------------------------------------------------------------
-def arg(default: Any, help: str, choices: list | tuple | None = None) -> Any:
-    """A dataclass field with its --help text (and allowed values, checked at parse time)."""
-    meta = {"help": help, "choices": choices}
+SEED_MAX = 2**32 - 1  # numpy's seeds: 0..2**32-1
+
+
+def arg(default: Any, help: str, choices: list | tuple | None = None, *, gt: float | None = None,
+        ge: float | None = None, lt: float | None = None, le: float | None = None) -> Any:
+    """A dataclass field with its --help text, its allowed values and bounds, checked by parse_args
+    and check_args (each element of a list): a float must be finite and >= 0, an int >= 1, a seed
+    (`seed`, `*_seed`) in 0..2**32-1, unless `gt`/`ge` (a lower bound: > or >=) or `lt`/`le` (an
+    upper bound) say otherwise, e.g. `ge=0` where 0 means "off", `gt=0` for a learning rate."""
+    bounds = {k: v for k, v in (("gt", gt), ("ge", ge), ("lt", lt), ("le", le)) if v is not None}
+    meta = {"help": help, "choices": choices, "bounds": bounds}
     if isinstance(default, (list, dict)):  # mutable defaults need a factory
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
 
 
+def field_rules(cls: type) -> dict[str, tuple[type, bool, dict, list | tuple | None]]:
+    """{field: (element type, whether it is a list, bounds, choices)}: what check_args enforces."""
+    hints = typing.get_type_hints(cls)
+    rules = {}
+    for f in dataclasses.fields(cls):
+        kind = hints[f.name]
+        is_list = typing.get_origin(kind) is list
+        args_ = [a for a in typing.get_args(kind) if a is not type(None)]
+        base = args_[0] if (is_list or typing.get_origin(kind) is not None) and args_ else kind
+        declared = f.metadata.get("bounds", {})
+        bounds = {}
+        if base in (int, float):
+            seed = base is int and (f.name == "seed" or f.name.endswith("_seed"))
+            default = {"ge": 0, "le": SEED_MAX} if seed else {"ge": 1 if base is int else 0}
+            for side in (("gt", "ge"), ("lt", "le")):
+                source = declared if any(k in declared for k in side) else default
+                bounds.update({k: source[k] for k in side if k in source})
+        rules[f.name] = (base, is_list, bounds, f.metadata.get("choices"))
+    return rules
+
+
+def _allowed(bounds: dict) -> str:
+    """{"ge": 0, "lt": 1} -> "in [0, 1)"; {"gt": 0} -> "> 0"."""
+    lo = ("(", ">", bounds["gt"]) if "gt" in bounds else ("[", ">=", bounds["ge"]) if "ge" in bounds else None
+    hi = (")", "<", bounds["lt"]) if "lt" in bounds else ("]", "<=", bounds["le"]) if "le" in bounds else None
+    if lo and hi:
+        return f"in {lo[0]}{lo[2]}, {hi[2]}{hi[0]}"
+    return f"{lo[1]} {lo[2]}" if lo else f"{hi[1]} {hi[2]}" if hi else ""
+
+
+def _problem(v: Any, base: type, bounds: dict, choices: Any) -> str | None:
+    """What is wrong with one value of a field (None: nothing)."""
+    if choices and v not in choices:
+        return "allowed are " + ", ".join(map(str, choices))
+    if base is bool and not isinstance(v, bool):
+        return "must be true or false"
+    if base not in (int, float):
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or (base is int and not isinstance(v, int)):
+        return "must be an integer" if base is int else "must be a number"
+    finite = base is int or math.isfinite(v)
+    ok = finite and not (("gt" in bounds and v <= bounds["gt"]) or ("ge" in bounds and v < bounds["ge"])
+                         or ("lt" in bounds and v >= bounds["lt"]) or ("le" in bounds and v > bounds["le"]))
+    if ok:
+        return None
+    rule = _allowed(bounds)
+    return "must be " + rule if finite else "must be finite" + (f" and {rule}" if rule else "")
+
+
+def check_args(args: Any) -> None:
+    """UsageError for the first field whose value breaks its rules (see `arg`), one line:
+    `--flag VALUE: what is allowed`. parse_args calls it; so does each script's validate(), which
+    also sees the values of a --resume run's args.json and of arguments built in code."""
+    rules = field_rules(type(args))
+    for f in dataclasses.fields(args):
+        base, is_list, bounds, choices = rules[f.name]
+        value = getattr(args, f.name)
+        for v in (value if is_list and isinstance(value, list) else [value]):
+            problem = None if v is None else _problem(v, base, bounds, choices)
+            if problem:
+                hint = " (or leave it out)" if f.default is None and base in (int, float) else ""
+                raise UsageError(f"--{f.name.replace('_', '-')} {v}: {problem}{hint}")
+
+
 class _OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # argparse prints usage + message; we print one line
-        print(f"error: {message} (see --help)", file=sys.stderr)
-        sys.exit(EXIT_USAGE)
+    def error(self, message: str) -> None:  # argparse prints usage + message; cli_errors prints one line
+        raise UsageError(f"{message} (see --help)")
 
 
 def _str2bool(v: str) -> bool:
@@ -103,7 +175,7 @@ def parse_args(cls: type, argv: list[str] | None = None, presets: dict | None = 
     Booleans take `--flag`, `--no-flag` or `--flag false`. With `presets` (name -> dict of
     field overrides, plus an optional "_doc"), `cls` must have a `preset` field: the chosen
     preset's values replace the defaults, and flags given on the command line replace the
-    preset's.
+    preset's. Every value is checked (check_args): a bad one is a UsageError naming its flag.
     """
     parser = _OneLineParser(description=description or (cls.__doc__ or "").strip(),
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -116,7 +188,7 @@ def parse_args(cls: type, argv: list[str] | None = None, presets: dict | None = 
         helptext = meta.get("help", "")
         if f.name == "preset" and presets:
             helptext += " (" + "; ".join(f"{k}: {v.get('_doc', '')}" for k, v in presets.items()) + ")"
-        kw: dict[str, Any] = {"help": helptext, "default": default}
+        kw: dict[str, Any] = {"help": helptext.replace("%", "%%"), "default": default}  # argparse formats with %
         if kind is bool:
             parser.add_argument(name, nargs="?", const=True, type=_str2bool, metavar="BOOL", **kw)
             parser.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_false",
@@ -143,6 +215,7 @@ def parse_args(cls: type, argv: list[str] | None = None, presets: dict | None = 
             if not k.startswith("_") and k not in given:
                 values[k] = v
     args = cls(**values)
+    check_args(args)  # the final values (flags, preset, defaults): refused before anything is written
     args.__dict__["_given_flags"] = frozenset(given)  # not a field: args.json and asdict() leave it out
     return args
 

@@ -42,7 +42,8 @@ def test_preset_then_flags_override():
 
 def test_bad_choice_is_one_line_exit_2(capsys):
     with pytest.raises(SystemExit) as e:
-        utils.parse_args(Args, ["--method", "zzz"])
+        with utils.cli_errors():
+            utils.parse_args(Args, ["--method", "zzz"])
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--method" in err and "'a', 'b'" in err
