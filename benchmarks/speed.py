@@ -7,7 +7,13 @@
                                                   # msmo: MSMO step with critic updates / ACS step)
 
 Step times are the median over interleaved repetitions (method, baseline, method, ...), so
-a load change on a shared machine hits both. Also: samples per second of the model step and
+a load change on a shared machine hits both. Every step is timed in fp32 and in bf16 autocast
+and, for the text methods, on a random batch (what the `cpu` presets trained on before length
+grouping) and on a length-grouped batch (what they train on now), all in the same interleaved
+loop on the same model; each batch is the one of median padded size among an epoch's batches.
+`ratio` and the other headline figures are for the configuration the scripts use by default
+here (`--precision`, default auto, and length-grouped batches); `speedup_*` is fp32 on random
+batches over that configuration. Also: samples per second of the model step and
 of the data pipeline (DataLoader workers producing the views, no model), and the memory
 ratio: on CUDA the peak allocated memory, on CPU the bytes of activations saved for the
 backward pass (a deterministic count). Writes summary.json like a script run.
@@ -20,7 +26,6 @@ import dataclasses
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 
@@ -58,6 +63,52 @@ def time_steps(steps: dict, reps: int, warmup: int = 3) -> dict[str, list[float]
             times[k].append(time.perf_counter() - t)
     return times
 
+CONFIGS_TEXT = (("fp32", "random"), ("fp32", "grouped"), ("bf16", "random"), ("bf16", "grouped"))
+DTYPES = {"fp32": None, "bf16": torch.bfloat16}
+
+
+def typical_batch(lengths: list[int], batch_size: int, grouped: bool, seed: int = 0) -> list[int]:
+    """Indices of a typical training batch: of one epoch's batches, in random order or
+    length-grouped (common.text_data.length_grouped_order), the one of median padded size
+    (its longest item). Cycles through the items when there are fewer than `batch_size`."""
+    from common.text_data import length_grouped_order
+
+    g = torch.Generator().manual_seed(seed)
+    order = (length_grouped_order(lengths, batch_size, g) if grouped
+             else torch.randperm(len(lengths), generator=g).tolist())
+    if len(order) < batch_size:
+        return [order[i % len(order)] for i in range(batch_size)]
+    batches = sorted((order[i:i + batch_size] for i in range(0, len(order) - batch_size + 1, batch_size)),
+                     key=lambda b: max(lengths[i] for i in b))
+    return batches[len(batches) // 2]
+
+
+def default_config(args, device) -> tuple[str, str]:
+    """The (precision, batches) the scripts use by default on this machine."""
+    amp_dtype, _ = utils.resolve_precision(args.precision, device)
+    return ("fp32" if amp_dtype is None else "bf16"), "grouped"
+
+
+def grid_result(times: dict, m: str, b: str, batch: int, target: float, default: tuple,
+                configs=CONFIGS_TEXT, **what) -> dict:
+    """Headline figures for the default configuration plus, per configuration `prec_order`, the
+    two step times, their ratio and the speed-up of each step over fp32 on random batches."""
+    med = {k: statistics.median(v) for k, v in times.items()}
+    key = "/".join(default)
+    first = "/".join(configs[0])
+    out = {"method_step_s": med[f"{m}/{key}"], "baseline_step_s": med[f"{b}/{key}"],
+           "ratio": med[f"{m}/{key}"] / med[f"{b}/{key}"], "target_ratio": target,
+           "method_samples_per_s": batch / med[f"{m}/{key}"],
+           "baseline_samples_per_s": batch / med[f"{b}/{key}"], "batch_size": batch,
+           "config": key, "speedup_method": med[f"{m}/{first}"] / med[f"{m}/{key}"],
+           "speedup_baseline": med[f"{b}/{first}"] / med[f"{b}/{key}"], **what}
+    for c in configs:
+        c = "/".join(c)
+        name = c.replace("/", "_")
+        out |= {f"{name}_method_step_s": med[f"{m}/{c}"], f"{name}_baseline_step_s": med[f"{b}/{c}"],
+                f"{name}_ratio": med[f"{m}/{c}"] / med[f"{b}/{c}"]}
+    return out
+
 
 def measure_lacol(args) -> dict:
     import lacol
@@ -94,20 +145,27 @@ def measure_lacol(args) -> dict:
     x1 = views[0].to(device)
     y = y.to(device)
 
-    def step_ce():
-        loss, _ = lacol.ce_step(model, x1, y, device, amp_dtype)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+    def make_steps(dt):
+        def step_ce():
+            loss, _ = lacol.ce_step(model, x1, y, device, dt)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
 
-    def step_lacol():
-        loss, _, _ = lacol.lacol_step(model, x3, y, la, device, amp_dtype)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        def step_lacol():
+            loss, _, _ = lacol.lacol_step(model, x3, y, la, device, dt)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        return step_lacol, step_ce
 
-    times = time_steps({"lacol": step_lacol, "ce": step_ce}, args.reps)
-    t_l, t_c = statistics.median(times["lacol"]), statistics.median(times["ce"])
+    steps = {}
+    for prec, dt in DTYPES.items():
+        steps[f"lacol/{prec}"], steps[f"ce/{prec}"] = make_steps(dt)
+    step_lacol, step_ce = make_steps(amp_dtype)
+    times = time_steps(steps, args.reps)
+    res = grid_result(times, "lacol", "ce", args.batch_size, 3.3, (default_config(args, device)[0],),
+                      configs=(("fp32",), ("bf16",)))
     if device.type == "cuda":
         mem = {}
         for k, f in (("lacol", step_lacol), ("ce", step_ce)):
@@ -119,13 +177,10 @@ def measure_lacol(args) -> dict:
         mem = {k: saved_activation_bytes(lambda f=f: f()) for k, f in (("lacol", step_lacol), ("ce", step_ce))}
         mem_kind = "activation bytes saved for backward"
     return {
-        "method_step_s": t_l, "baseline_step_s": t_c, "ratio": t_l / t_c,
-        "method_samples_per_s": args.batch_size / t_l, "baseline_samples_per_s": args.batch_size / t_c,
-        "loader_samples_per_s": loader_sps, "loader_over_model": loader_sps / (args.batch_size / t_l),
+        **res, "loader_samples_per_s": loader_sps, "loader_over_model": loader_sps / res["method_samples_per_s"],
         "memory_method": mem["lacol"], "memory_baseline": mem["ce"], "memory_ratio": mem["lacol"] / mem["ce"],
-        "memory_kind": mem_kind, "batch_size": args.batch_size, "backbone": args.backbone, "reps": args.reps,
+        "memory_kind": mem_kind, "backbone": args.backbone, "reps": args.reps,
         "loader_workers": args.num_workers, "baseline": "ce (one weak view)", "method": "lacol (three views, Eq. 8)",
-        "target_ratio": 3.3,
     }
 
 
@@ -143,12 +198,6 @@ def _train_step(model_params, step_fn, device, amp_dtype):
     return run
 
 
-def _ratio_result(times: dict, method: str, baseline: str, batch: int, target: float, what: dict) -> dict:
-    t_m, t_b = statistics.median(times[method]), statistics.median(times[baseline])
-    return {"method_step_s": t_m, "baseline_step_s": t_b, "ratio": t_m / t_b, "target_ratio": target,
-            "method_samples_per_s": batch / t_m, "baseline_samples_per_s": batch / t_b, "batch_size": batch, **what}
-
-
 def _text_args(cls, presets, argv):
     return utils.parse_args(cls, argv, presets=presets)
 
@@ -162,13 +211,18 @@ def measure_scal(args) -> dict:
     device = utils.resolve_device(args.device)
     amp_dtype, _ = utils.resolve_precision(args.precision, device)
     utils.seed_everything(0)
-    train = load_text_task(a.task, "train", utils.shared_data_dir())
-    examples = train[: args.batch_size]
-    encoder, tok = scal.load_model(a, [e.text_a for e in examples])
+    train = load_text_task(a.task, "train", utils.resolve_text_data_dir(a.data_dir))
+    encoder, tok = scal.load_model(a, [e.text_a for e in train[: args.batch_size]])
     model = scal.SCALModel(encoder, max(e.label for e in train) + 1).to(device).train()
-    batch = scal.collate(scal.encode_examples(tok, examples, a.max_length), tok.pad_token_id, device, False)
-    steps = {name: _train_step(model.parameters(), lambda f=f: f(model, batch, a), device, amp_dtype)
-             for name, f in (("scal", scal.scal_step), ("ft", scal.ft_step))}
+    encoded = scal.encode_examples(tok, train, a.max_length)
+    lengths = [len(e["input_ids"]) for e in encoded]
+    batches = {order: scal.collate([encoded[i] for i in typical_batch(lengths, args.batch_size, order == "grouped")],
+                                   tok.pad_token_id, device, False) for order in ("random", "grouped")}
+    steps = {f"{name}/{prec}/{order}": _train_step(model.parameters(), lambda f=f, b=batches[order]: f(model, b, a),
+                                                   device, DTYPES[prec])
+             for prec, order in CONFIGS_TEXT for name, f in (("scal", scal.scal_step), ("ft", scal.ft_step))}
+    default = default_config(args, device)
+    batch = batches[default[1]]
 
     # The parts a SCAL step is made of, timed in the same interleaved loop, to tell the cost of
     # the method from the cost of its implementation. A step needs two forward passes, one
@@ -197,11 +251,11 @@ def measure_scal(args) -> dict:
     times = time_steps({**steps, "fwd": fwd, "fwd_grad_embeds": fwd_grad_embeds, "fwd_bwd": fwd_bwd}, args.reps)
     med = {k: statistics.median(v) for k, v in times.items()}
     floor = (2 * med["fwd"] + (med["fwd_grad_embeds"] - med["fwd"]) + 2 * (med["fwd_bwd"] - med["fwd"])
-             + (med["ft"] - med["fwd_bwd"]))
-    return _ratio_result(times, "scal", "ft", len(examples), 2.3,
-                         {"model": a.model, "task": a.task, "baseline": "ft_step", "method": "scal_step (Eq. 8)",
-                          "floor_ratio": floor / med["ft"], "fwd_s": med["fwd"],
-                          "fwd_grad_embeds_s": med["fwd_grad_embeds"], "fwd_bwd_s": med["fwd_bwd"]})
+             + (med["ft/" + "/".join(default)] - med["fwd_bwd"]))
+    ft = med["ft/" + "/".join(default)]
+    return grid_result(times, "scal", "ft", args.batch_size, 2.3, default, model=a.model, task=a.task,
+                       baseline="ft_step", method="scal_step (Eq. 8)", floor_ratio=floor / ft, fwd_s=med["fwd"],
+                       fwd_grad_embeds_s=med["fwd_grad_embeds"], fwd_bwd_s=med["fwd_bwd"])
 
 
 def measure_uscal(args) -> dict:
@@ -210,17 +264,20 @@ def measure_uscal(args) -> dict:
 
     a = _text_args(uscal.Args, uscal.PRESETS, ["--preset", args.text_preset or "cpu"])
     device = utils.resolve_device(args.device)
-    amp_dtype, _ = utils.resolve_precision(args.precision, device)
     utils.seed_everything(0)
-    sentences = uscal.load_training_sentences(a, utils.shared_data_dir())[: args.batch_size]
+    sentences = uscal.load_training_sentences(a, utils.resolve_text_data_dir(a.data_dir))
     encoder, tok = uscal.load_model(a, sentences)
     model = uscal.SimCSEModel(encoder).to(device).train()
-    batch = uscal.tokenize_batch(tok, sentences, a.max_length, device)
-    steps = {name: _train_step(model.parameters(), lambda f=f: f(model, batch, a), device, amp_dtype)
-             for name, f in (("uscal", uscal.uscal_step), ("simcse", uscal.simcse_step))}
+    lengths = [len(x) for x in sentences]  # characters, as uscal.epoch_order groups them
+    batches = {order: uscal.tokenize_batch(tok, [sentences[i] for i in typical_batch(lengths, args.batch_size,
+                                                                                       order == "grouped")],
+                                           a.max_length, device) for order in ("random", "grouped")}
+    steps = {f"{name}/{prec}/{order}": _train_step(model.parameters(), lambda f=f, b=batches[order]: f(model, b, a),
+                                                   device, DTYPES[prec])
+             for prec, order in CONFIGS_TEXT for name, f in (("uscal", uscal.uscal_step), ("simcse", uscal.simcse_step))}
     times = time_steps(steps, args.reps)
-    return _ratio_result(times, "uscal", "simcse", len(sentences), 1.8,
-                         {"model": a.model, "baseline": "simcse_step", "method": "uscal_step (Eq. 10)"})
+    return grid_result(times, "uscal", "simcse", args.batch_size, 1.8, default_config(args, device), model=a.model,
+                       baseline="simcse_step", method="uscal_step (Eq. 10)")
 
 
 def measure_conlst(args) -> dict:
@@ -229,18 +286,27 @@ def measure_conlst(args) -> dict:
     import conlst
 
     a = _text_args(conlst.Args, conlst.PRESETS, ["--preset", args.text_preset or "cpu", "--langs", "fr"])
-    utils.seed_everything(0)
-    steps = conlst.speed_steps(a)
+    default = default_config(args, utils.resolve_device(args.device))
+    steps = {}
+    for prec, order in CONFIGS_TEXT:  # one model per configuration, each from seed 0: the same weights
+        utils.seed_everything(0)
+
+        def pick(items, n, grouped=order == "grouped"):  # premise + hypothesis characters, as conlst groups them
+            return typical_batch([len(p[0]) + len(p[1] or "") for p in items], n, grouped)
+        cfg = conlst.speed_steps(dataclasses.replace(a, precision=prec), pick=pick)
+        steps |= {f"{k}/{prec}/{order}": f for k, f in cfg.items()}
     times = time_steps(steps, args.reps)
-    med = {k: statistics.median(v) for k, v in times.items()}
     b2, b1 = a.s2_batch_size + a.s2_source_batch_size, a.s1_batch_size
-    return {"method_step_s": med["st"], "baseline_step_s": med["fixmatch"], "ratio": med["st"] / med["fixmatch"],
-            "target_ratio": 1.3, "stage1_step_s": med["conl"], "ft_step_s": med["ft"],
-            "stage1_over_ft": med["conl"] / med["ft"], "method_samples_per_s": b2 / med["st"],
-            "baseline_samples_per_s": b2 / med["fixmatch"], "stage1_samples_per_s": b1 / med["conl"],
-            "ft_samples_per_s": b1 / med["ft"], "model": a.model,
-            "baseline": "fixmatch_step (stage 2's baseline) and ft_step (stage 1's)",
-            "method": "st_step (stage 2, Eq. 9-14) and conl_step (stage 1, Eq. 4-8)"}
+    res = grid_result(times, "st", "fixmatch", b2, 1.3, default, model=a.model,
+                      baseline="fixmatch_step (stage 2's baseline) and ft_step (stage 1's, = a stage-0 step)",
+                      method="st_step (stage 2, Eq. 9-14) and conl_step (stage 1, Eq. 4-8)")
+    stage1 = grid_result(times, "conl", "ft", b1, 0.0, default)
+    return {**res, "stage1_step_s": stage1["method_step_s"], "ft_step_s": stage1["baseline_step_s"],
+            "stage1_over_ft": stage1["ratio"], "stage1_samples_per_s": stage1["method_samples_per_s"],
+            "ft_samples_per_s": stage1["baseline_samples_per_s"], "speedup_stage1": stage1["speedup_method"],
+            "speedup_ft": stage1["speedup_baseline"],
+            **{k.replace("method", "stage1").replace("baseline", "ft"): v for k, v in stage1.items()
+               if k.startswith(("fp32_", "bf16_"))}}
 
 
 def measure_msmo(args) -> dict:
@@ -251,7 +317,6 @@ def measure_msmo(args) -> dict:
 
     a = _text_args(msmo.Args, msmo.PRESETS, ["--preset", args.text_preset or "cpu", "--lang", "fr"])
     device = utils.resolve_device(args.device)
-    amp_dtype, _ = utils.resolve_precision(args.precision, device)
     utils.seed_everything(0)
     data = msmo.load_data(a)
     encoder, tok = msmo.build_encoder(a.model, a.data_dir, a.domain)
@@ -260,41 +325,47 @@ def measure_msmo(args) -> dict:
         msmo.freeze_word_embeddings(model)
     model.to(device).train()
     enc = msmo.encode_data(a, data, tok)
-    g = torch.Generator().manual_seed(0)
-    idx = torch.randperm(len(enc["ce_pool"]), generator=g)[: a.batch_size].tolist()
-    items, sides = [enc["ce_pool"][i] for i in idx], [enc["ce_sides"][i] for i in idx]
-    if not (0 in sides and 1 in sides):  # the adversarial term needs both languages in the batch
-        src = next(i for i, s in enumerate(enc["ce_sides"]) if s == 0)
-        tgt = next(i for i, s in enumerate(enc["ce_sides"]) if s == 1)
-        items[:2], sides[:2] = [enc["ce_pool"][src], enc["ce_pool"][tgt]], [0, 1]
-    pairs = enc["pairs"][: a.cons_batch]
-    batch = msmo.make_batch(items, tok.pad_token_id, device, sides)
-    batch_pairs = msmo.make_batch(items, tok.pad_token_id, device, sides, pairs)
+    pool, pool_sides = enc["ce_pool"], enc["ce_sides"]
+    pair_lengths = [len(p.a.input_ids) + len(p.b.input_ids) for p in enc["pairs"]]
+    batches = {}
+    for order in ("random", "grouped"):
+        idx = typical_batch([len(e.input_ids) for e in pool], a.batch_size, order == "grouped")
+        items, sides = [pool[i] for i in idx], [pool_sides[i] for i in idx]
+        if not (0 in sides and 1 in sides):  # the adversarial term needs both languages in the batch
+            src, tgt = pool_sides.index(0), pool_sides.index(1)
+            items[:2], sides[:2] = [pool[src], pool[tgt]], [0, 1]
+        pairs = [enc["pairs"][i] for i in typical_batch(pair_lengths, a.cons_batch, order == "grouped")]
+        batches[order] = (msmo.make_batch(items, tok.pad_token_id, device, sides),
+                          msmo.make_batch(items, tok.pad_token_id, device, sides, pairs))
     critic = msmo.Critic(encoder.config.hidden_size, encoder.config.hidden_dropout_prob, a.critic_clip).to(device)
     critic_opt = torch.optim.Adam(critic.parameters(), lr=a.critic_lr or a.lr)
     calls = {"n": 0}
     model.encoder.register_forward_hook(lambda *_: calls.__setitem__("n", calls["n"] + 1))
-    steps = {
-        "msmo_adv": _train_step(model.parameters(), lambda: msmo.msmo_step(
-            model, critic, critic_opt, batch, a, "adv", a.critic_steps, amp_dtype), device, amp_dtype),
-        "msmo_cons": _train_step(model.parameters(), lambda: msmo.msmo_step(
-            model, critic, critic_opt, batch_pairs, a, "cons", a.critic_steps, amp_dtype), device, amp_dtype),
-        "acs": _train_step(model.parameters(), lambda: msmo.ce_step(model, batch, a, amp_dtype), device, amp_dtype),
-    }
+    steps = {}
+    for prec, order in CONFIGS_TEXT:
+        dt, (batch, batch_pairs) = DTYPES[prec], batches[order]
+        steps |= {
+            f"msmo_adv/{prec}/{order}": _train_step(model.parameters(), lambda dt=dt, b=batch: msmo.msmo_step(
+                model, critic, critic_opt, b, a, "adv", a.critic_steps, dt), device, dt),
+            f"msmo_cons/{prec}/{order}": _train_step(model.parameters(), lambda dt=dt, b=batch_pairs: msmo.msmo_step(
+                model, critic, critic_opt, b, a, "cons", a.critic_steps, dt), device, dt),
+            f"acs/{prec}/{order}": _train_step(model.parameters(), lambda dt=dt, b=batch: msmo.ce_step(model, b, a, dt),
+                                               device, dt)}
+    default = default_config(args, device)
+    key = "/".join(default)
     forwards = {}
-    for k, f in steps.items():
+    for k in ("msmo_adv", "msmo_cons", "acs"):
         calls["n"] = 0
-        f()
+        steps[f"{k}/{key}"]()
         forwards[k] = calls["n"]
     times = time_steps(steps, args.reps)
-    med = {k: statistics.median(v) for k, v in times.items()}
-    return {"method_step_s": med["msmo_adv"], "baseline_step_s": med["acs"], "ratio": med["msmo_adv"] / med["acs"],
-            "cons_step_s": med["msmo_cons"], "cons_over_acs": med["msmo_cons"] / med["acs"],
+    res = grid_result(times, "msmo_adv", "acs", a.batch_size, 1.1, default, model=a.model, baseline="ce_step (ACS)",
+                      method=f"msmo_step, adversarial phase with {a.critic_steps} critic updates")
+    cons = grid_result(times, "msmo_cons", "acs", a.batch_size, 0.0, default)
+    return {**res, "cons_step_s": cons["method_step_s"], "cons_over_acs": cons["ratio"],
             "critic_steps": a.critic_steps, "encoder_forwards_adv_step": forwards["msmo_adv"],
             "encoder_forwards_cons_step": forwards["msmo_cons"], "encoder_forwards_acs_step": forwards["acs"],
-            "method_samples_per_s": len(items) / med["msmo_adv"], "baseline_samples_per_s": len(items) / med["acs"],
-            "batch_size": len(items), "cons_pairs": len(pairs), "model": a.model,
-            "baseline": "ce_step (ACS)", "method": f"msmo_step, adversarial phase with {a.critic_steps} critic updates"}
+            "cons_pairs": a.cons_batch}
 
 
 MEASURES = {"lacol": measure_lacol, "scal": measure_scal, "uscal": measure_uscal, "conlst": measure_conlst,

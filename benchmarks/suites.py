@@ -5,6 +5,8 @@ reproduces (an `id` of benchmarks/reported.csv) where there is one.
 - `cpu`:   the CPU-scale reproductions on offline real data (hours on 2 cores).
 - `smoke`: every script and its major flags for a few steps (minutes), for CI's regression check.
 - `speed`: method step time against its baseline's step time, measured in one process.
+- `parity`: each method's `cpu` preset, cut to a few hundred steps, in fp32 and in bf16 with the same
+  seed (`python -m benchmarks.parity` prints the pairs).
 
 The runner adds `--seed S --out-dir <dir> --exp-name <run id>__seedS` to each command, and
 fills `{seed}` and `{out}` (the suite's run folder) in a run's arguments, so a run can name
@@ -465,12 +467,16 @@ def _text_smoke() -> list[Run]:
 # ----------------------------------------------------------------------------- speed
 def _speed_views(method: str) -> tuple[View, ...]:
     """The figures benchmarks/speed.py writes, one report row each (lower is better for times)."""
-    keys = {"lacol": ("ratio", "memory_ratio", "method_samples_per_s", "loader_samples_per_s"),
-            "scal": ("ratio", "floor_ratio", "method_samples_per_s", "baseline_samples_per_s"),
-            "uscal": ("ratio", "method_samples_per_s", "baseline_samples_per_s"),
-            "conlst": ("ratio", "stage1_over_ft", "method_samples_per_s", "stage1_samples_per_s"),
-            "msmo": ("ratio", "cons_over_acs", "encoder_forwards_adv_step", "method_samples_per_s")}[method]
-    return tuple(View(k, f"best.{k}", f"final.{k}", None, "samples" in k) for k in keys)
+    keys = {"lacol": ("ratio", "fp32_ratio", "memory_ratio", "method_samples_per_s", "loader_samples_per_s"),
+            "scal": ("ratio", "fp32_random_ratio", "floor_ratio", "method_samples_per_s", "baseline_samples_per_s"),
+            "uscal": ("ratio", "fp32_random_ratio", "method_samples_per_s", "baseline_samples_per_s"),
+            "conlst": ("ratio", "fp32_random_ratio", "stage1_over_ft", "method_samples_per_s", "stage1_samples_per_s",
+                       "speedup_ft", "speedup_stage1"),
+            "msmo": ("ratio", "fp32_random_ratio", "cons_over_acs", "encoder_forwards_adv_step",
+                     "method_samples_per_s")}[method]
+    # speed-up of each step over fp32 on random batches (what the cpu presets ran before bf16 and length grouping)
+    keys += ("speedup_method", "speedup_baseline")
+    return tuple(View(k, f"best.{k}", f"final.{k}", None, "samples" in k or "speedup" in k) for k in keys)
 
 
 # Reported numbers with no run in the `paper` suite, and why (benchmarks/README and the test
@@ -483,6 +489,29 @@ PAPER_LEFT_OUT = {
     "scal/anli_all/roberta-large": "as above (FeverNLI)",
     "scal/anli_all/roberta-large/test": "as above (FeverNLI)",
 }
+
+
+# ----------------------------------------------------------------------------- parity: fp32 vs bf16
+# (method, script, the cpu preset cut to a few hundred optimizer steps, metric, higher is better)
+PARITY = (
+    ("lacol", "lacol.py", ("--preset", "cpu", "--noise", "sym40", "--epochs", "8", "--milestones", "6"), "acc", True),
+    ("scal", "scal.py", ("--preset", "cpu", "--task", "trec", "--method", "scal"), "err", False),
+    ("uscal", "uscal.py", ("--preset", "cpu",), "stsb_dev", True),
+    ("conlst", "conlst.py", ("--preset", "cpu", "--langs", "fr", "--wo-conl", "--wo-st"), "acc", True),
+    ("msmo", "msmo.py", ("--preset", "cpu", "--lang", "fr", "--method", "msmo"), "f1_fr", True),
+)
+
+
+def _parity() -> list[Run]:
+    """The same seed in fp32 and bf16: a bf16 run far from its fp32 twin is a finding."""
+    runs = []
+    for method, script, args, metric, hib in PARITY:
+        for prec in ("fp32", "bf16"):
+            views = ((View("fr zero-shot (stage 0)", "per_lang.fr.stage0.acc", "per_lang.fr.stage0.acc"),)
+                     if method == "conlst" else ())
+            runs.append(Run(f"parity_{method}_{prec}", script, (*args, "--precision", prec), f"parity {method}",
+                            None, metric, hib, views=views, curve=None))
+    return runs
 
 
 def _pinned_fp32(runs: list[Run]) -> list[Run]:
@@ -507,6 +536,7 @@ SUITES: dict[str, Suite] = {
                                                               "mbert")),
     "smoke": Suite("smoke", _pinned_fp32(_lacol_smoke() + _text_smoke()), (0, 1),
                    description="every script and major flag for a few steps"),
+    "parity": Suite("parity", _parity(), (0,), description="the cpu presets, a few hundred steps, fp32 vs bf16"),
     "speed": Suite("speed", [Run(f"speed_{m}", "-m benchmarks.speed",
                                  ("--method", m) + (("--reps", "8") if m == "conlst" else ()), "speed", metric="ratio",
                                  higher_is_better=False, curve=None, views=_speed_views(m))

@@ -401,3 +401,27 @@ def test_conlst_tables_gains_and_pooled_bins(tmp_path, capsys):
     assert "| avg | 35.00 ± 7.07 |" in out
     # mid bin pooled: before (80*10 + 50*30) / 40 = 57.5, after (70*20 + 40*60) / 80 = 47.5
     assert "| fr | mid | 57.5 -> 47.5 | 20 -> 40 |" in out
+
+
+def test_parity_table_pairs_fp32_and_bf16_runs(tmp_path):
+    """benchmarks/parity.py on hand-made summaries: the differences and wall ratios it prints."""
+    from benchmarks import parity
+
+    def write(name, summary):
+        d = tmp_path / f"{name}__seed0"
+        d.mkdir()
+        (d / "summary.json").write_text(json.dumps(summary))
+
+    write("parity_lacol_fp32", {"final": {"acc": 80.0}, "best": {"acc": 81.0}, "wall_s": 100, "precision": "fp32"})
+    write("parity_lacol_bf16", {"final": {"acc": 79.5}, "best": {"acc": 81.5}, "wall_s": 40, "precision": "bf16"})
+    stage0 = {"per_lang": {"fr": {"stage0": {"acc": 50.0}}}}
+    write("parity_conlst_fp32", {**stage0, "wall_s": 300, "precision": "fp32"})
+    write("parity_conlst_bf16", {"per_lang": {"fr": {"stage0": {"acc": 48.0}}}, "wall_s": 100, "precision": "bf16"})
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in parity.table(tmp_path)[2:]}
+    assert rows["lacol"] == ["acc", "80.00", "79.50", "-0.50", "81.00", "81.50", "+0.50", "100", "40", "2.50"]
+    assert rows["conlst"][1:4] == ["50.00", "48.00", "-2.00"] and rows["conlst"][-1] == "3.00"
+    assert rows["msmo"][1] == "not run"
+    write("parity_scal_fp32", {"final": {"err": 10.0}, "best": {"err": 9.0}, "wall_s": 10, "precision": "fp32"})
+    write("parity_scal_bf16", {"final": {"err": 10.0}, "best": {"err": 9.0}, "wall_s": 10, "precision": "fp32"})
+    with pytest.raises(SystemExit, match="recorded precision fp32"):  # a "bf16" run that ran in fp32
+        parity.table(tmp_path)
