@@ -10,7 +10,7 @@ Step times are the median over interleaved repetitions (method, baseline, method
 a load change on a shared machine hits both. Every step is timed in fp32 and in bf16 autocast
 and, for the text methods, on a random batch (what the `cpu` presets trained on before length
 grouping) and on a length-grouped batch (what they train on now), all in the same interleaved
-loop on the same model; each batch is the one of median padded size among an epoch's batches.
+loop on the same model; each batch is the one of mean padded size among an epoch's batches.
 `ratio` and the other headline figures are for the configuration the scripts use by default
 here (`--precision`, default auto, and length-grouped batches); `speedup_*` is fp32 on random
 batches over that configuration. Also: samples per second of the model step and
@@ -69,8 +69,10 @@ DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 
 def typical_batch(lengths: list[int], batch_size: int, grouped: bool, seed: int = 0) -> list[int]:
     """Indices of a typical training batch: of one epoch's batches, in random order or
-    length-grouped (common.text_data.length_grouped_order), the one of median padded size
-    (its longest item). Cycles through the items when there are fewer than `batch_size`."""
+    length-grouped (common.text_data.length_grouped_order), the one whose padded size (its
+    longest item) is closest to the mean over the epoch's batches; a step's time grows about
+    linearly with the padded size, so this batch's step time stands for the epoch's mean step
+    time. Cycles through the items when there are fewer than `batch_size`."""
     from common.text_data import length_grouped_order
 
     g = torch.Generator().manual_seed(seed)
@@ -78,9 +80,10 @@ def typical_batch(lengths: list[int], batch_size: int, grouped: bool, seed: int 
              else torch.randperm(len(lengths), generator=g).tolist())
     if len(order) < batch_size:
         return [order[i % len(order)] for i in range(batch_size)]
-    batches = sorted((order[i:i + batch_size] for i in range(0, len(order) - batch_size + 1, batch_size)),
-                     key=lambda b: max(lengths[i] for i in b))
-    return batches[len(batches) // 2]
+    batches = [order[i:i + batch_size] for i in range(0, len(order) - batch_size + 1, batch_size)]
+    padded = [max(lengths[i] for i in b) for b in batches]
+    mean = sum(padded) / len(padded)
+    return batches[min(range(len(batches)), key=lambda k: abs(padded[k] - mean))]
 
 
 def default_config(args, device) -> tuple[str, str]:
@@ -116,7 +119,6 @@ def measure_lacol(args) -> dict:
     from common.models import build_backbone
 
     device = utils.resolve_device(args.device)
-    amp_dtype, _ = utils.resolve_precision(args.precision, device)
     utils.seed_everything(0)
     if args.backbone == "small_cnn":
         d = image_data.load_fashion_mnist()
@@ -136,16 +138,22 @@ def measure_lacol(args) -> dict:
         if i + 1 >= args.loader_batches:
             break
     loader_sps = seen / (time.perf_counter() - t)
-    # one batch, both steps, same model
+    # one batch, both steps; one model per precision (same initial weights), in the memory layout
+    # lacol.py uses for it (channels-last under autocast)
     *views, y, idx = next(iter(torch.utils.data.DataLoader(ds, batch_size=args.batch_size, shuffle=True)))
     in_ch = 1 if dataset == "fashion_mnist" else 3
-    model = lacol.LaCoLNet(build_backbone(args.backbone, in_ch, image_data.MEAN_STD[dataset]), 10, la.proj_dim).to(device)
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-    x3 = torch.cat(views).to(device)
-    x1 = views[0].to(device)
     y = y.to(device)
 
     def make_steps(dt):
+        torch.manual_seed(0)
+        model = lacol.LaCoLNet(build_backbone(args.backbone, in_ch, image_data.MEAN_STD[dataset]), 10,
+                               la.proj_dim).to(device)
+        fmt = torch.channels_last if lacol.channels_last(device, dt) else torch.contiguous_format
+        model = model.to(memory_format=fmt)
+        opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+        x3 = torch.cat(views).to(device).contiguous(memory_format=fmt)
+        x1 = views[0].to(device).contiguous(memory_format=fmt)
+
         def step_ce():
             loss, _ = lacol.ce_step(model, x1, y, device, dt)
             opt.zero_grad(set_to_none=True)
@@ -162,10 +170,10 @@ def measure_lacol(args) -> dict:
     steps = {}
     for prec, dt in DTYPES.items():
         steps[f"lacol/{prec}"], steps[f"ce/{prec}"] = make_steps(dt)
-    step_lacol, step_ce = make_steps(amp_dtype)
+    prec = default_config(args, device)[0]
+    step_lacol, step_ce = steps[f"lacol/{prec}"], steps[f"ce/{prec}"]
     times = time_steps(steps, args.reps)
-    res = grid_result(times, "lacol", "ce", args.batch_size, 3.3, (default_config(args, device)[0],),
-                      configs=(("fp32",), ("bf16",)))
+    res = grid_result(times, "lacol", "ce", args.batch_size, 3.3, (prec,), configs=(("fp32",), ("bf16",)))
     if device.type == "cuda":
         mem = {}
         for k, f in (("lacol", step_lacol), ("ce", step_ce)):
@@ -305,8 +313,8 @@ def measure_conlst(args) -> dict:
             "stage1_over_ft": stage1["ratio"], "stage1_samples_per_s": stage1["method_samples_per_s"],
             "ft_samples_per_s": stage1["baseline_samples_per_s"], "speedup_stage1": stage1["speedup_method"],
             "speedup_ft": stage1["speedup_baseline"],
-            **{k.replace("method", "stage1").replace("baseline", "ft"): v for k, v in stage1.items()
-               if k.startswith(("fp32_", "bf16_"))}}
+            **{k.replace("method", "stage1").replace("baseline", "ft").replace("ratio", "stage1_over_ft"): v
+               for k, v in stage1.items() if k.startswith(("fp32_", "bf16_"))}}
 
 
 def measure_msmo(args) -> dict:

@@ -538,7 +538,7 @@ SUITES: dict[str, Suite] = {
                    description="every script and major flag for a few steps"),
     "parity": Suite("parity", _parity(), (0,), description="the cpu presets, a few hundred steps, fp32 vs bf16"),
     "speed": Suite("speed", [Run(f"speed_{m}", "-m benchmarks.speed",
-                                 ("--method", m) + (("--reps", "8") if m == "conlst" else ()), "speed", metric="ratio",
+                                 ("--method", m) + (("--reps", "5") if m == "conlst" else ()), "speed", metric="ratio",
                                  higher_is_better=False, curve=None, views=_speed_views(m))
                              for m in ("lacol", "scal", "uscal", "conlst", "msmo")], (0,),
                    description="method step time / baseline step time in one process"),

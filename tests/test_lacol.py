@@ -182,6 +182,33 @@ def test_ablation_and_reading_flags_run(tmp_path, fmnist, flag):
     assert s["epochs_done"] == 2
 
 
+def test_warm_up_builds_only_the_weak_view(tmp_path, fmnist, monkeypatch):
+    """CE and LaCoL's warm-up train on the weak view only, so no strong (RandAugment) view is made
+    in those epochs; the LaCoL epochs make two per sample."""
+    calls = {"weak": 0, "strong": 0}
+    make_views = lacol.make_views
+
+    def counting_views(*a, **k):
+        weak, strong, test_view = make_views(*a, **k)
+
+        def count(kind, view):
+            def f(x):
+                calls[kind] += 1
+                return view(x)
+            return f
+        return count("weak", weak), count("strong", strong), test_view
+    monkeypatch.setattr(lacol, "make_views", counting_views)
+    lacol.main(_args(tmp_path, "--limit-train", "256", "--limit-eval", "100", "--epochs", "2", "--warmup-epochs", "1",
+                     "--batch-size", "64", "--num-workers", "0", "--max-steps", "4"))
+    # epoch 1 (warm-up): 4 batches of 64, weak views only; the selection pass of epoch 2 makes 256 weak
+    # views, and the steps budget (4) ends training before any LaCoL batch: no strong view at all
+    assert calls["strong"] == 0 and calls["weak"] >= 256
+    calls.update(weak=0, strong=0)
+    lacol.main(_args(tmp_path, "--limit-train", "256", "--limit-eval", "100", "--epochs", "2", "--warmup-epochs", "1",
+                     "--batch-size", "64", "--num-workers", "0", "--exp-name", "two"))
+    assert calls["strong"] == 2 * 256  # the LaCoL epoch: two strong views per sample (4 full batches)
+
+
 def test_paper_path_resnet34_on_cifar_shaped_fake_data(tmp_path):
     """Code path of the paper's CIFAR-10 configuration (ResNet-34, 32x32x3, K=15, three views)
     for a few steps. FakeData: random images and labels; the accuracy means nothing."""
