@@ -1,5 +1,6 @@
 """CoNLST: Contrastive Negative Learning and Self-Training for zero-shot cross-lingual transfer.
 
+Docs: docs/conlst.md
 Paper: "Improving Cross-lingual Transfer with Contrastive Negative Learning and Self-training"
 (../shared/papers/conlst.txt). One file, top to bottom: arguments, data, back-translation,
 model, the method's losses and samplers (plain functions named after their equations), the

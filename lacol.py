@@ -1,5 +1,6 @@
 """LaCoL: Latent Contrastive Learning for learning with noisy labels.
 
+Docs: docs/lacol.md
 Paper: "Noise Is Also Useful: Negative Correlation-Steered Latent Contrastive Learning"
 (../shared/papers/lacol.txt). One file, top to bottom: arguments, data and label noise,
 views, model, the method's losses (each a plain function named after its equation), the

@@ -1,5 +1,6 @@
 """MSMO: Multi-Scale and Multi-Objective optimization for cross-lingual aspect-based sentiment.
 
+Docs: docs/msmo.md
 Paper: "MSMO-ABSA: Multi-Scale and Multi-Objective Optimization for Cross-Lingual Aspect-Based
 Sentiment Analysis" (arXiv 2502.13718). Only a SUMMARY of the paper is available here
 (../shared/papers/msmo_summary.txt), so the method was implemented from three sources, in this

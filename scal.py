@@ -1,5 +1,6 @@
 """SCAL: Supervised Contrastive Adversarial Learning for fine-tuning a text encoder.
 
+Docs: docs/scal.md
 Paper: "Simple Contrastive Representation Adversarial Learning for NLP Tasks", Sec. 3.3
 (../shared/papers/scal_uscal.txt). One file, top to bottom: arguments, metrics, data, model,
 the method's losses (plain functions named after their equations), one function per training

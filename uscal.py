@@ -1,5 +1,6 @@
 """USCAL: Unsupervised Contrastive Adversarial Learning of sentence embeddings.
 
+Docs: docs/scal.md
 Paper: "Simple Contrastive Representation Adversarial Learning for NLP Tasks", Sec. 3.4 and
 4.5 (../shared/papers/scal_uscal.txt). USCAL is unsupervised SimCSE plus an adversarial
 positive. One file, top to bottom: arguments, data, model, the losses (plain functions named

@@ -115,9 +115,11 @@ def test_report_mean_std_best_and_last(toy_suite, tmp_path):
     assert st["best"][1] == pytest.approx(statistics.stdev([70, 65, 80]))
     assert st["last"][0] == pytest.approx(statistics.fmean([60, 64, 62]))
     text = report.build_report("toy", tmp_path, tmp_path / "out", plots=True)
-    assert "| a | acc | 3 | 71.67 ± 7.64 | 62.00 ± 2.00 | 92.33 |" in text
+    assert "| a | acc | 3 | fp32 | 71.67 ± 7.64 | 62.00 ± 2.00 | 92.33 |" in text
+    assert "best (oracle: chosen on the test set)" in text  # lacol.py's best epoch is picked on the test set
     assert "partial (1/3 seeds)" in text  # b has one of three seeds
-    assert "| a beats b (last) | 62.00 ± 2.00 | 20.00 ± 0.00 | yes |" in text
+    # matched seeds: a has 3 seeds, b only seed 0, so the claim compares seed 0 only
+    assert "| a beats b | last evaluation | one seed only | +40.00 (seed 0) | 60.00 ± 0.00 | 20.00 ± 0.00 |" in text
     assert (tmp_path / "out" / "report.md").exists() and list((tmp_path / "out").glob("curves_*.png"))
 
 
@@ -215,10 +217,13 @@ def test_placeholders_phases_views_averages_and_claims_on_paths(monkeypatch, tmp
     av = report.average_stats(s.averages[0], {r.id: r for r in s.runs}, data)
     assert av["best_values"] == [50.0, 52.0] and av["last"][0] == pytest.approx(50.0)
     text = report.build_report("toy2", tmp_path, tmp_path / "out", plots=False)
-    assert "| multi | fr zero-shot | 2 | 41.00 ± 0.00 | 41.00 ± 0.00 |" in text
-    assert "| m_avg | mean over runs | 2 | 51.00 ± 1.41 | 50.00 ± 1.41 |" in text
-    assert "| final above zero-shot (avg.final vs per_lang.fr.stage0.acc) | 44.00 ± 0.00 | 41.00 ± 0.00 | yes |" in text
-    assert "| avg of m above 50 (best vs avg.best) | 51.00 ± 1.41 | 45.50 ± 0.71 | yes |" in text
+    assert "| multi | fr zero-shot | 2 | fp32 | 41.00 ± 0.00 | 41.00 ± 0.00 |" in text
+    assert "| m_avg | mean over runs | 2 | fp32 | 51.00 ± 1.41 | 50.00 ± 1.41 |" in text
+    assert ("| final above zero-shot | `avg.final` vs `per_lang.fr.stage0.acc` | held | +3.00 ± 0.00 (n=2) | "
+            "44.00 ± 0.00 | 41.00 ± 0.00 |") in text
+    # a best checkpoint that no dev split selected is an oracle, never a claim
+    assert "| avg of m above 50 | best (oracle: chosen on the test set): `the per-seed mean of its runs` vs " \
+           "`avg.best` | not a claim (best chosen on the test set) | +5.50 ± 0.71 (n=2) |" in text
     # the regression check reads the first view's last value
     assert check.fresh_values("toy2", tmp_path)["multi"]["values"] == [41.0, 41.0]
 
@@ -425,3 +430,142 @@ def test_parity_table_pairs_fp32_and_bf16_runs(tmp_path):
     write("parity_scal_bf16", {"final": {"err": 10.0}, "best": {"err": 9.0}, "wall_s": 10, "precision": "fp32"})
     with pytest.raises(SystemExit, match="recorded precision fp32"):  # a "bf16" run that ran in fp32
         parity.table(tmp_path)
+
+
+# ----------------------------------------------------------------------------- claims: matched seeds
+def _summaries(folder: Path, run_id: str, per_seed: dict[int, float | None], metric: str = "acc", **extra):
+    for seed, v in per_seed.items():
+        d = folder / f"{run_id}__seed{seed}"
+        d.mkdir(parents=True)
+        (d / "summary.json").write_text(json.dumps({"final": {metric: v}, "best": {metric: v}, "seed": seed, **extra}))
+
+
+def _judge(tmp_path, claim, left: dict, right: dict, averages=()):
+    ids = {claim.left, claim.right} - {a.id for a in averages} | {r for a in averages for r in a.runs}
+    s = Suite("toy_claims", [Run(i, "x.py", (), "G") for i in sorted(ids)], (0, 1, 2), [claim],
+              averages=list(averages))
+    runs = tmp_path / "runs"
+    for name, vals in ((claim.left, left), (claim.right, right)):
+        if name not in {a.id for a in averages} and not (runs / f"{name}__seed{next(iter(vals), 0)}").exists():
+            _summaries(runs, name, vals)
+    return report.judge_claims(s, report.collect(runs))[0]
+
+
+def test_claim_pairs_matched_seeds_only(tmp_path):
+    """3 seeds on the left, seed 0 only on the right: the claim uses seed 0 alone, says so, and is no
+    verdict; a 3-seed mean against a 1-seed number (the old rule) would have said 'yes'."""
+    j = _judge(tmp_path, suites.Claim("full above ablation", "full", "abl"), {0: 74.0, 1: 70.0, 2: 80.0}, {0: 73.0})
+    assert j["n"] == 1 and j["seeds"] == [0] and j["verdict"] == "one seed only"
+    assert j["diff"][0] == pytest.approx(1.0) and j["left"][0] == pytest.approx(74.0)
+    assert j["left_seeds"] == [0, 1, 2] and j["right_seeds"] == [0]
+    assert j["folders"] == "`full__seed0`, `abl__seed0`"
+    # seeds that only one side has are left out, on either side
+    j = _judge(tmp_path / "b", suites.Claim("c", "l", "r"), {0: 5.0, 2: 7.0, 3: 1.0}, {1: 0.0, 2: 4.0, 3: 0.0})
+    assert j["seeds"] == [2, 3] and j["diffs"] == [3.0, 1.0] and j["verdict"] == "held"
+
+
+@pytest.mark.parametrize("left, right, verdict", [
+    ({0: 52.0, 1: 53.0, 2: 54.0}, {0: 50.0, 1: 50.5, 2: 51.0}, "held"),  # d = 2, 2.5, 3: mean 2.5 > std 0.5
+    ({0: 48.0, 1: 49.0, 2: 47.0}, {0: 50.0, 1: 50.0, 2: 50.0}, "did not hold"),  # mean -2 < -std 1
+    ({0: 51.0, 1: 49.0, 2: 50.5}, {0: 50.0, 1: 50.0, 2: 50.0}, "within noise"),  # mean 0.17, std 1.04
+    ({0: 50.0, 1: 50.0}, {0: 50.0, 1: 50.0}, "within noise"),  # no difference at all
+    ({0: 60.0}, {0: 50.0, 1: 50.0}, "one seed only"),
+    ({0: 60.0}, {1: 50.0}, "not run"),  # no seed on both sides
+    ({0: None, 1: None}, {0: None, 1: None}, "not testable at this scale"),  # runs exist, no value (empty bin)
+])
+def test_claim_verdicts(tmp_path, left, right, verdict):
+    j = _judge(tmp_path, suites.Claim("c", "l", "r"), left, right)
+    assert j["verdict"] == verdict
+    assert verdict in report.VERDICTS and verdict.split()[0] in report.CLAIM_RULE
+
+
+def test_claim_oracle_best_seedless_side_and_averages(tmp_path):
+    # "best" without the split that selected it is an oracle (chosen on the test set): never a claim
+    j = _judge(tmp_path / "a", suites.Claim("c", "l", "r", "best"), {0: 2.0, 1: 3.0}, {0: 1.0, 1: 1.0})
+    assert j["verdict"] == report.ORACLE_CLAIM
+    j = _judge(tmp_path / "b", suites.Claim("c", "l", "r", "best", selected_on="dev"), {0: 2.0, 1: 3.0}, {0: 1.0, 1: 1.0})
+    assert j["verdict"] == "held" and j["reads"] == "checkpoint selected on dev"
+    # a seed-independent side (an untrained model, run for seed 0) meets every seed of the other
+    c = suites.Claim("trained above untrained", "t", "u", seedless="right")
+    j = _judge(tmp_path / "c", c, {0: 76.0, 1: 76.5, 2: 76.2}, {0: 73.7})
+    assert j["n"] == 3 and j["verdict"] == "held" and j["diffs"] == pytest.approx([2.3, 2.8, 2.5])
+    # an Average side: the per-seed mean of its runs, on the seeds every run has
+    runs = tmp_path / "d" / "runs"
+    _summaries(runs, "m_fr", {0: 40.0, 1: 42.0, 2: 41.0})
+    _summaries(runs, "m_es", {0: 60.0, 1: 58.0})
+    _summaries(runs, "z", {0: 45.0, 1: 49.0, 2: 40.0})
+    avg = suites.Average("m_avg", ("m_fr", "m_es"), "G")
+    j = _judge(tmp_path / "d", suites.Claim("avg above z", "m_avg", "z"), {}, {}, averages=(avg,))
+    assert j["seeds"] == [0, 1] and j["diffs"] == pytest.approx([5.0, 1.0]) and j["verdict"] == "held"
+    assert j["folders"] == "`m_{fr,es}__seed{0,1}`, `z__seed{0,1}`"
+
+
+def test_cpu_claims_never_read_an_oracle_best():
+    """lacol.py and scal.py pick their best epoch on the split they report: their claims read the
+    last evaluation; a claim on a best checkpoint names the dev split that selected it."""
+    s = suites.SUITES["cpu"]
+    by_id = {r.id: r for r in s.runs}
+    avg = {a.id: a for a in s.averages}
+    for c in s.claims:
+        scripts = {by_id[r].script for side in (c.left, c.right) for r in (avg[side].runs if side in avg else (side,))}
+        if c.which == "best":
+            assert c.selected_on and not scripts & {"lacol.py", "scal.py"}, c.text
+            assert all(report.BEST_SELECTED_ON[x] for x in scripts), c.text
+
+
+def test_family_rows_and_brace_names():
+    assert report.brace(["scal_cpu_rte_scal", "scal_cpu_rte_ft", "scal_cpu_mrpc_scal", "scal_cpu_mrpc_ft"]) == \
+        ["scal_cpu_{rte,mrpc}_{scal,ft}"]
+    assert report.brace(["lacol_x_lacol", "lacol_x_wo_ms"]) == ["lacol_x_{lacol,wo_ms}"]
+    assert report._label(["MSMO: fr, ACS above zero-shot", "MSMO: es, ACS above zero-shot"]) == ["fr", "es"]
+    assert report._family_verdict(["within noise", "held", "held"]) == "held 2, within noise 1 (of 3)"
+    assert report._family_verdict(["one seed only"] * 3) == "one seed only (3 of 3)"
+
+
+# ----------------------------------------------------------------------------- README block, header
+README_TOY = ("# Title\n\nText before, with trailing spaces   \n\n## Claims at a glance\n\n"
+              "<!-- claims:start -->\nold table\n<!-- claims:end -->\n\nText after.\r\nno newline at the end")
+
+
+def test_readme_block_replacement_is_idempotent_and_touches_nothing_else(tmp_path, toy_suite):
+    for seed, (a, b) in enumerate(((60.0, 50.0), (62.0, 51.0), (61.0, 52.0))):
+        _write_run(tmp_path / "runs", "a", seed, [a])
+        _write_run(tmp_path / "runs", "b", seed, [b])
+    readme = tmp_path / "README.md"
+    readme.write_bytes(README_TOY.encode())
+    assert report.main(["--suite", "toy", "--runs", str(tmp_path / "runs"), "--readme", str(readme)]) == 0
+    once = readme.read_bytes()
+    start, end = once.index(b"<!-- claims:start -->"), once.index(b"<!-- claims:end -->")
+    assert once[:start] == README_TOY.encode()[:README_TOY.index("<!-- claims:start -->")]
+    assert once[end:] == README_TOY.encode()[README_TOY.index("<!-- claims:end -->"):]
+    assert "| a beats b | held | +10.00 ± 1.00 (n=3); 61.00 vs 51.00 | `a__seed{0,1,2}`, `b__seed{0,1,2}` |".encode() in once
+    assert b"old table" not in once
+    assert report.main(["--suite", "toy", "--runs", str(tmp_path / "runs"), "--readme", str(readme)]) == 0
+    assert readme.read_bytes() == once  # idempotent
+    with pytest.raises(ValueError):
+        report.replace_block("no markers here", "x")
+
+
+def test_header_names_the_commit_range_and_the_cpus_in_one_line_each():
+    sums = [{"git_commit": "zzz0002", "machine": "m 2 cpus"}, {"git_commit": "zzz0001-dirty", "machine": "m 2 cpus"},
+            {"git_commit": "zzz0002", "machine": "m 2 cpus", "cpu": "AMD EPYC"}]
+    line = report.commit_line(sums)  # hashes git does not know: sorted by name
+    assert "\n" not in line and "`zzz0001` .. `zzz0002`" in line and "2 commits, 1 of them" in line
+    assert report.cpu_line(sums) == "CPUs: m 2 cpus, CPU model not recorded (2 runs); m 2 cpus, AMD EPYC (1 runs)."
+    # commits this repository knows are ordered by commit date
+    import subprocess
+    log = subprocess.run(["git", "log", "-3", "--format=%h"], cwd=HERE, capture_output=True, text=True).stdout.split()
+    if len(log) == 3:
+        newest, oldest = log[0], log[-1]
+        line = report.commit_line([{"git_commit": newest}, {"git_commit": oldest + "-dirty"}, {"git_commit": log[1]}])
+        assert line.startswith(f"Runs made at commits `{oldest}` (") and f".. `{newest}` (" in line and "by commit date" in line
+
+
+def test_readme_claims_block_is_generated_from_the_committed_runs_and_readme_is_small():
+    """README's claims at a glance is the report's output on benchmarks/results/cpu/runs, not typed:
+    after a change to the runs or the claims, run `python -m benchmarks.report --suite cpu --readme README.md`."""
+    root = HERE.parent
+    text = (root / "README.md").read_bytes().decode()
+    assert report.replace_block(text, report.glance_block("cpu", Path("benchmarks/results/cpu/runs"),
+                                                          report.collect(root / "benchmarks/results/cpu/runs"))) == text
+    assert len((root / "README.md").read_bytes()) <= 15_000
