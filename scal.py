@@ -79,13 +79,14 @@ Readings of the paper and choices it leaves open (README "paper vs. code" has th
 from __future__ import annotations
 
 import dataclasses
-import math
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import sklearn.metrics as skm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -210,29 +211,23 @@ def validate(args: Args) -> None:
 
 
 # =========================================================================================
-# Metrics: GLUE's official ones (in percent), written out
+# Metrics: GLUE's official ones, in percent (scikit-learn's; scipy's correlations); 0 on an empty set
 # =========================================================================================
 def accuracy(pred: np.ndarray, gold: np.ndarray) -> float:
-    return float(100.0 * np.mean(pred == gold)) if len(gold) else 0.0
+    return float(100.0 * skm.accuracy_score(gold, pred)) if len(gold) else 0.0
 
 
 def f1_binary(pred: np.ndarray, gold: np.ndarray, positive: int = 1) -> float:
     """F1 of the positive class (MRPC 'equivalent', QQP 'duplicate'); 0 when undefined."""
-    tp = int(np.sum((pred == positive) & (gold == positive)))
-    fp = int(np.sum((pred == positive) & (gold != positive)))
-    fn = int(np.sum((pred != positive) & (gold == positive)))
-    return 100.0 * 2 * tp / (2 * tp + fp + fn) if tp else 0.0
+    return float(100.0 * skm.f1_score(gold, pred, pos_label=positive, zero_division=0.0)) if len(gold) else 0.0
 
 
 def matthews_corrcoef(pred: np.ndarray, gold: np.ndarray) -> float:
     """Matthews correlation (CoLA), the multi-class form (Gorodkin 2004), which is the usual
     (TP*TN - FP*FN) / sqrt(...) for two classes; 0 when a marginal is constant."""
-    classes = np.union1d(pred, gold)
-    c = np.array([[np.sum((gold == a) & (pred == b)) for b in classes] for a in classes], dtype=np.float64)
-    s, correct = c.sum(), np.trace(c)
-    t, p = c.sum(1), c.sum(0)  # true and predicted counts per class
-    denom = math.sqrt((s * s - p @ p) * (s * s - t @ t))
-    return float(100.0 * (correct * s - t @ p) / denom) if denom > 0 else 0.0
+    with warnings.catch_warnings():  # one class in pred and gold: sklearn warns (1x1 confusion matrix), gives 0
+        warnings.filterwarnings("ignore", "A single label was found", UserWarning)
+        return float(100.0 * skm.matthews_corrcoef(gold, pred)) if len(gold) else 0.0
 
 
 def pearson(x: np.ndarray, y: np.ndarray) -> float:
@@ -268,7 +263,7 @@ def task_metrics(task: str, pred: np.ndarray, gold: np.ndarray) -> dict[str, flo
 
 
 # =========================================================================================
-# Data: examples -> token ids, batches with dynamic padding
+# Data: examples -> token ids, batches with dynamic padding (tokenizer.pad)
 # =========================================================================================
 @dataclass
 class EvalSet:
@@ -314,21 +309,12 @@ def encode_examples(tokenizer, examples: list, max_length: int) -> list[dict]:
     return [{k: enc[k][i] for k in keys} | {"label": examples[i].label} for i in range(len(examples))]
 
 
-def collate(encoded: list[dict], pad_id: int, device: torch.device, regression: bool) -> dict:
-    """Pad a list of encoded examples to the longest one -> a batch of tensors on `device`."""
-    n, t = len(encoded), max(len(e["input_ids"]) for e in encoded)
-    ids = torch.full((n, t), pad_id, dtype=torch.long)
-    mask = torch.zeros((n, t), dtype=torch.long)
-    types = torch.zeros((n, t), dtype=torch.long) if "token_type_ids" in encoded[0] else None
-    for i, e in enumerate(encoded):
-        ids[i, : len(e["input_ids"])] = torch.tensor(e["input_ids"])
-        mask[i, : len(e["input_ids"])] = 1
-        if types is not None:
-            types[i, : len(e["token_type_ids"])] = torch.tensor(e["token_type_ids"])
-    labels = torch.tensor([e["label"] for e in encoded], dtype=torch.float if regression else torch.long)
-    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
-    if types is not None:
-        batch["token_type_ids"] = types
+def collate(encoded: list[dict], tokenizer, device: torch.device, regression: bool) -> dict:
+    """Pad a list of encoded examples on the right to the longest one -> a batch of tensors on `device`:
+    input_ids, attention_mask, token_type_ids (when encoded has them), labels (float for regression)."""
+    batch = tokenizer.pad([{k: v for k, v in e.items() if k != "label"} for e in encoded], padding_side="right",
+                          return_attention_mask=True, return_tensors="pt")
+    batch["labels"] = torch.tensor([e["label"] for e in encoded], dtype=torch.float if regression else torch.long)
     return {k: v.to(device) for k, v in batch.items()}
 
 
@@ -531,7 +517,7 @@ STEPS = {"ft": ft_step, "adv": adv_step, "cl": cl_step, "scal": scal_step}
 # =========================================================================================
 # Evaluation: clean predictions and predictions under a white-box attack
 # =========================================================================================
-def predict(model: SCALModel, encoded: list[dict], args: Args, device, amp_dtype, pad_id: int, regression: bool,
+def predict(model: SCALModel, encoded: list[dict], args: Args, device, amp_dtype, tokenizer, regression: bool,
             attack: str = "", epsilon: float = 0.0) -> np.ndarray:
     """Predicted class ids (scores for regression) in the order of `encoded`, with the model in
     eval mode. With `attack`, each example's input embeddings are first perturbed along the
@@ -541,7 +527,7 @@ def predict(model: SCALModel, encoded: list[dict], args: Args, device, amp_dtype
     out = np.zeros(len(encoded), dtype=np.float64 if regression else np.int64)
     for s in range(0, len(order), args.eval_batch_size):
         idx = order[s: s + args.eval_batch_size]
-        batch = collate([encoded[i] for i in idx], pad_id, device, regression)
+        batch = collate([encoded[i] for i in idx], tokenizer, device, regression)
         with torch.no_grad():
             x = model.embed(batch["input_ids"])
         if attack:
@@ -558,7 +544,7 @@ def predict(model: SCALModel, encoded: list[dict], args: Args, device, amp_dtype
     return out
 
 
-def evaluate(model: SCALModel, sets: list[EvalSet], args: Args, device, amp_dtype, pad_id: int) -> dict:
+def evaluate(model: SCALModel, sets: list[EvalSet], args: Args, device, amp_dtype, tokenizer) -> dict:
     """Official metrics on every evaluation set (suffix per set, per-group for ANLI rounds),
     clean and (with --robust-eval) under attack (prefix adv_)."""
     regression = args.task in text_data.REGRESSION_TASKS
@@ -569,7 +555,7 @@ def evaluate(model: SCALModel, sets: list[EvalSet], args: Args, device, amp_dtyp
     out: dict[str, float] = {}
     for ev in sets:
         for prefix, attack, eps in runs:
-            pred = predict(model, ev.encoded, args, device, amp_dtype, pad_id, regression, attack, eps)
+            pred = predict(model, ev.encoded, args, device, amp_dtype, tokenizer, regression, attack, eps)
             out |= {f"{prefix}{k}{ev.suffix}": v for k, v in task_metrics(args.task, pred, ev.gold).items()}
             if ev.groups is not None:
                 for g in np.unique(ev.groups):
@@ -638,7 +624,6 @@ def main(args: Args) -> dict:
     if args.batch_size > len(train_ex):
         raise UsageError(f"--batch-size {args.batch_size}: larger than the {len(train_ex)} training examples")
     encoder, tokenizer = load_model(args, [t for e in train_ex for t in (e.text_a, e.text_b) if t])
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     train_enc = encode_examples(tokenizer, train_ex, args.max_length)
     eval_sets = make_eval_sets(eval_specs, tokenizer, args)
     test_sets = make_eval_sets(test_specs, tokenizer, args)
@@ -703,7 +688,7 @@ def main(args: Args) -> dict:
     def evaluate_and_checkpoint(epoch: float) -> bool:
         """Evaluate, log, keep the best, checkpoint. Returns True when early stopping fires."""
         nonlocal best, bad_evals, sums
-        res = evaluate(model, eval_sets, args, device, amp_dtype, pad_id)
+        res = evaluate(model, eval_sets, args, device, amp_dtype, tokenizer)
         train_log = {k: v / sums["n"] for k, v in sums.items() if k != "n"} if sums.get("n") else {}
         sums = {}
         rec = {"step": step, "epoch": epoch, **res}
@@ -737,7 +722,7 @@ def main(args: Args) -> dict:
             for b in bar:
                 t0 = time.time()
                 idx = order[b * args.batch_size: (b + 1) * args.batch_size]
-                batch = collate([train_enc[i] for i in idx], pad_id, device, regression)
+                batch = collate([train_enc[i] for i in idx], tokenizer, device, regression)
                 with utils.autocast(device, amp_dtype):
                     loss, terms = step_fn(model, batch, args)
                 finite = utils.check_finite(loss, step, terms, args.skip_nonfinite)
@@ -782,7 +767,7 @@ def main(args: Args) -> dict:
     test = None
     if test_sets and best is not None:
         model.load_state_dict(torch.load(run_dir / "best_model.pt", map_location=device, weights_only=True))
-        test = evaluate(model, test_sets, args, device, amp_dtype, pad_id)
+        test = evaluate(model, test_sets, args, device, amp_dtype, tokenizer)
         test["step"] = best["step"]
 
     wall = wall_before + time.time() - t_start

@@ -225,7 +225,7 @@ def measure_scal(args) -> dict:
     encoded = scal.encode_examples(tok, train, a.max_length)
     lengths = [len(e["input_ids"]) for e in encoded]
     batches = {order: scal.collate([encoded[i] for i in typical_batch(lengths, args.batch_size, order == "grouped")],
-                                   tok.pad_token_id, device, False) for order in ("random", "grouped")}
+                                   tok, device, False) for order in ("random", "grouped")}
     steps = {f"{name}/{prec}/{order}": _train_step(model.parameters(), lambda f=f, b=batches[order]: f(model, b, a),
                                                    device, DTYPES[prec])
              for prec, order in CONFIGS_TEXT for name, f in (("scal", scal.scal_step), ("ft", scal.ft_step))}

@@ -629,7 +629,7 @@ def library_versions() -> dict:
     import importlib.metadata as md
 
     out = {"python": platform.python_version()}
-    for name in ("torch", "torchvision", "transformers", "datasets", "numpy"):
+    for name in ("torch", "torchvision", "transformers", "datasets", "numpy", "scipy", "scikit-learn"):
         try:
             out[name] = md.version(name)
         except md.PackageNotFoundError:

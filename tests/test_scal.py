@@ -6,6 +6,7 @@ import json
 import math
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -63,7 +64,7 @@ def tiny_setup():
     encoder, tok = scal.load_model(args, [e.text_a for e in examples])
     torch.manual_seed(0)
     model = scal.SCALModel(encoder, 6).eval()
-    batch = scal.collate(scal.encode_examples(tok, examples, 32), tok.pad_token_id, torch.device("cpu"), False)
+    batch = scal.collate(scal.encode_examples(tok, examples, 32), tok, torch.device("cpu"), False)
     return model, batch, args
 
 
@@ -155,7 +156,7 @@ def test_roberta_path_without_token_types(tiny_setup):
     encoder, tok = tiny_encoder(texts, kind="roberta", hidden=32, layers=1, heads=2)
     model = scal.SCALModel(encoder, 6).eval()
     enc = scal.encode_examples(tok, [text_data.Example(t, None, i) for i, t in enumerate(texts)], 32)
-    batch = {k: v for k, v in scal.collate(enc, tok.pad_token_id, torch.device("cpu"), False).items()
+    batch = {k: v for k, v in scal.collate(enc, tok, torch.device("cpu"), False).items()
              if k != "token_type_ids"}
     assert batch["attention_mask"].min() == 0  # padded
     with torch.no_grad():
@@ -192,6 +193,37 @@ def test_multiclass_mcc_matches_the_covariance_definition():
     x, y = np.eye(3)[pred], np.eye(3)[gold]
     cov = lambda a, b: np.sum((a - a.mean(0)) * (b - b.mean(0)))  # noqa: E731
     assert scal.matthews_corrcoef(pred, gold) == pytest.approx(100 * cov(x, y) / math.sqrt(cov(x, x) * cov(y, y)))
+
+
+def test_sklearn_metrics_equal_the_former_hand_written_formulas():
+    """scal.py's metrics are scikit-learn's; the formulas they replaced give the same values (to 1 ulp:
+    sklearn scales a rounded fraction by 100) and the same 0 / -100 in the edge cases, without warnings."""
+    def f1_old(p, g):
+        tp, fp, fn = np.sum((p == 1) & (g == 1)), np.sum((p == 1) & (g != 1)), np.sum((p != 1) & (g == 1))
+        return 100.0 * 2 * tp / (2 * tp + fp + fn) if tp else 0.0
+
+    def mcc_old(p, g):
+        c = np.array([[np.sum((g == a) & (p == b)) for b in np.union1d(p, g)] for a in np.union1d(p, g)], float)
+        s, t, q = c.sum(), c.sum(1), c.sum(0)
+        denom = math.sqrt((s * s - q @ q) * (s * s - t @ t))
+        return 100.0 * (np.trace(c) * s - t @ q) / denom if denom > 0 else 0.0
+
+    rng = np.random.default_rng(1)
+    cases = [(np.ones(4, int), np.array([0, 1, 0, 1])), (np.zeros(4, int), np.zeros(4, int)),
+             (np.ones(3, int), np.ones(3, int)), (np.array([1, 0]), np.array([0, 1])), (np.zeros(3, int), np.ones(3, int))]
+    for k, n in [(2, 50), (2, 1000), (3, 200), (6, 500)]:
+        gold = rng.integers(0, k, n)
+        cases.append((np.where(rng.random(n) < 0.7, gold, rng.integers(0, k, n)), gold))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for pred, gold in cases:
+            assert scal.accuracy(pred, gold) == 100.0 * np.mean(pred == gold)
+            assert scal.matthews_corrcoef(pred, gold) == pytest.approx(mcc_old(pred, gold), rel=1e-15, abs=0)
+            if max(pred.max(), gold.max()) <= 1:
+                assert scal.f1_binary(pred, gold) == pytest.approx(f1_old(pred, gold), rel=1e-15, abs=0)
+    assert scal.matthews_corrcoef(np.array([1, 0]), np.array([0, 1])) == -100.0
+    empty = np.array([], int)
+    assert scal.accuracy(empty, empty) == scal.f1_binary(empty, empty) == scal.matthews_corrcoef(empty, empty) == 0.0
 
 
 # ------------------------------------------------------------------------------------------
