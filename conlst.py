@@ -238,7 +238,8 @@ class Args:
 PRESETS = {
     "xlmr": {"_doc": "paper XLM-R-large (Table 2): stage-1 lr 5e-6; stage 0/2 lr 7e-6 (ours)",
              "model": "xlm-roberta-large", "s1_lr": 5e-6, "s0_lr": 7e-6, "s2_lr": 7e-6},
-    "cpu": {"_doc": "CPU scale (~15 min per language and seed on 2 idle cores, stage 0 included): e5-small, SNLI "
+    "cpu": {"_doc": "CPU scale (~15 min per language and seed on 2 idle cores in fp32, stage 0 included; stage 0 "
+                    "took 1.8x less in bf16): e5-small, SNLI "
                     "dev+test (3,000 pairs) -> XNLI test pool (800, no labels), eval on XNLI dev (1,000), selection on "
                     "English XNLI dev (1,000), no back-translation; gamma 0.45: this stage-0 model's max q rarely "
                     "exceeds 0.55 (XNLI-fr: 26 of 1,000 pairs above 0.5, none above 0.6), so 0.9 leaves stage 1 "

@@ -139,7 +139,8 @@ PRESETS = {
                    "dataset": "clothing1m", "noise": "clean", "backbone": "resnet50", "pretrained": True,
                    "epochs": 6, "lr": 5e-3, "milestones": [3, 4], "weight_decay": 1e-3, "batch_size": 64,
                    "warmup_epochs": 1, "num_workers": 8},
-    "cpu": {"_doc": "CPU-scale reproduction: Fashion-MNIST (4,000-sample subset), small CNN, 20 epochs, ~5 min",
+    "cpu": {"_doc": "CPU-scale reproduction: Fashion-MNIST (4,000-sample subset), small CNN, 20 epochs, ~5 min "
+                    "in fp32, 1.7x less in bf16 (benchmarks/results/parity)",
             "dataset": "fashion_mnist", "backbone": "small_cnn", "epochs": 20, "milestones": [12, 17],
             "warmup_epochs": 4, "lr": 0.05, "weight_decay": 5e-4, "limit_train": 4000, "num_workers": 1},
     "demo": {"_doc": "a few minutes on 2 CPU cores: the cpu preset on 5,000 samples for 4 epochs",
