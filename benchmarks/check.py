@@ -107,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"no results under {runs}: nothing to write", file=sys.stderr)
             return 1
         base_path.parent.mkdir(parents=True, exist_ok=True)
-        base_path.write_text(json.dumps({"suite": args.suite, "created": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        created = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+        base_path.write_text(json.dumps({"suite": args.suite, "created": created,
                                          "commit": git_commit(), "k_std": K_STD, "floor": FLOOR, "runs": fresh},
                                         indent=2, sort_keys=True) + "\n")
         print(f"baseline written: {base_path} ({len(fresh)} runs)")

@@ -57,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     lines = table(Path(args.runs))
     print("\n".join(lines))
     if args.out:
-        Path(args.out).write_text("# fp32 vs bf16, same seed (python -m benchmarks.parity)\n\n" + "\n".join(lines) + "\n")
+        Path(args.out).write_text("# fp32 vs bf16, same seed (python -m benchmarks.parity)\n\n"
+                                  + "\n".join(lines) + "\n")
     return 0
 
 

@@ -43,7 +43,8 @@ def collect(runs_dir: Path) -> dict[str, list[dict]]:
     for s in sorted(Path(runs_dir).glob("*__seed*/summary.json")):
         run_id, seed = s.parent.name.rsplit("__seed", 1)
         metrics_path = s.parent / "metrics.jsonl"
-        metrics = [json.loads(x) for x in metrics_path.read_text().splitlines() if x.strip()] if metrics_path.exists() else []
+        metrics = ([json.loads(x) for x in metrics_path.read_text().splitlines() if x.strip()]
+                   if metrics_path.exists() else [])
         out[run_id].append({"seed": int(seed), "summary": json.loads(s.read_text()), "metrics": metrics})
     return out
 
@@ -187,7 +188,8 @@ def _commit_dates(hashes: list[str]) -> dict[str, tuple[int, str]]:
     out: dict[str, tuple[int, str]] = {}
     for group in ([hashes], [[h] for h in hashes]):  # all at once; one by one if one is unknown
         for hs in group:
-            r = subprocess.run(["git", "show", "-s", "--format=%H %ct %cs", *hs], cwd=HERE, capture_output=True, text=True)
+            r = subprocess.run(["git", "show", "-s", "--format=%H %ct %cs", *hs], cwd=HERE, capture_output=True,
+                               text=True)
             if r.returncode:
                 continue
             for line in r.stdout.splitlines():
@@ -224,7 +226,8 @@ def cpu_line(summaries: list[dict]) -> str:
     counts: dict[str, int] = defaultdict(int)
     for s in summaries:
         counts[s.get("machine", "?") + (f", {s['cpu']}" if s.get("cpu") else ", CPU model not recorded")] += 1
-    return "CPUs: " + ("; ".join(f"{m} ({n} runs)" for m, n in sorted(counts.items(), key=lambda x: -x[1])) or "-") + "."
+    listed = "; ".join(f"{m} ({n} runs)" for m, n in sorted(counts.items(), key=lambda x: -x[1]))
+    return "CPUs: " + (listed or "-") + "."
 
 
 # ----------------------------------------------------------------------------- best: oracle or selected
@@ -488,7 +491,8 @@ def build_report(suite_name: str, runs_dir: Path, out: Path, plots: bool = True)
     oracle = sorted(s for s in scripts if s in BEST_SELECTED_ON and BEST_SELECTED_ON[s] is None)
     lines = [f"# Benchmark report: suite `{suite_name}`", "",
              f"{suite.description}. Generated {time.strftime('%Y-%m-%d', time.gmtime())} by "
-             f"`python -m benchmarks.report --suite {suite_name}` at commit {git_commit()}, from `{runs_dir.as_posix()}`.", "",
+             f"`python -m benchmarks.report --suite {suite_name}` at commit {git_commit()}, "
+             f"from `{runs_dir.as_posix()}`.", "",
              commit_line(summaries), "",
              cpu_line(summaries), "",
              "Our numbers are mean ± std over seeds (sample std). *last* = the final evaluation (Co-teaching's "
@@ -520,13 +524,18 @@ def build_report(suite_name: str, runs_dir: Path, out: Path, plots: bool = True)
             diff = f"{st['best'][0] - float(paper['value']):+.2f}" if paper and st["n"] and comparable else "-"
             src = f"{paper['source']} ({paper['dataset']}, {paper['backbone']})" if paper else "-"
             prec = precisions([x for r in (averages[rid].runs if rid in averages else (rid,)) for x in data.get(r, [])])
-            lines.append(f"| {rid} | {v.name} | {st['n']} | {prec} | {fmt(st['best'])} | {fmt(st['last'])} | {pv} | {src} | "
+            lines.append(f"| {rid} | {v.name} | {st['n']} | {prec} | {fmt(st['best'])} | {fmt(st['last'])} | {pv} | "
+                         f"{src} | "
                          f"{diff} | {status_of(suite_name, v, st, paper, expected)} |")
         if plots:
             png = plot_curves(group, runs, data, out)
             if png:
                 lines += ["", f"![{group}]({png})"]
         lines.append("")
+    if plots:  # CoNLST's Figure 3, from the confidence bins its runs record
+        from benchmarks.confidence import report_figures
+
+        lines += report_figures({r.id: data[r.id] for r in suite.runs if r.id in data}, out)
     if suite.claims:
         judged = judge_claims(suite, data)
         claims = ["## Claims checked", "", CLAIM_RULE, "", *claims_table(judged), ""]
@@ -544,7 +553,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--suite", required=True, choices=sorted(SUITES))
     ap.add_argument("--runs", default=None, help="folder holding <run>__seed<S>/ (default runs/bench/<suite>; "
                     "with --readme, the committed benchmarks/results/<suite>/runs)")
-    ap.add_argument("--out", default=None, help="where report.md, claims.md and the plots go (default benchmarks/results/<suite>)")
+    ap.add_argument("--out", default=None,
+                    help="where report.md, claims.md and the plots go (default benchmarks/results/<suite>)")
     ap.add_argument("--no-plots", action="store_true")
     ap.add_argument("--readme", default=None, help="only rewrite this file's claims block (between "
                     f"{START} and {END}) from the runs, and write nothing else")

@@ -15,9 +15,11 @@ from __future__ import annotations
 import gzip
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+import torch.utils.data
 
 from common.utils import MissingError, UsageError
 
@@ -199,3 +201,90 @@ def fake_cifar10(n_train: int = 512, n_test: int = 256, seed: int = 0) -> ImageD
         torch.randint(0, 10, (n_test,), generator=g),
         notes={"warning": "FakeData: random images and labels, for code-path tests only"},
     )
+
+
+# ---- a training subset with noisy labels, and the dataset that makes the views (lacol.py)
+@dataclass
+class NoisyData:
+    """A run's data: the training subset (indices into the full set), its images, clean and given
+    (noisy) labels, the test images and labels, and the noise record saved with the run."""
+
+    data: ImageData
+    subset: np.ndarray
+    train_x: Any
+    clean_y: torch.Tensor
+    noisy_y: torch.Tensor
+    test_x: Any
+    test_y: torch.Tensor
+    noise_info: dict
+
+
+def load_noisy_data(dataset: str, data_dir: str, seed: int, noise: str, limit_train: int | None = None,
+                    limit_eval: int | None = None, noise_file: str = "", noise_column: str = "",
+                    include_true: bool = True) -> NoisyData:
+    """Load the data set, take a seeded `limit_train` subset (sorted indices) and make its noisy
+    labels: from `noise_file` (e.g. CIFAR-N) or the `noise` spec (common/noise.py). The test set is
+    its first `limit_eval` samples."""
+    from common import noise as label_noise
+
+    data = load_image_dataset(dataset, data_dir)
+    n_all = len(data.train_y)
+    if limit_train:
+        if limit_train > n_all:
+            raise UsageError(f"--limit-train {limit_train}: the training set has only {n_all} samples")
+        subset = np.sort(np.random.default_rng(seed).permutation(n_all)[:limit_train])
+    else:
+        subset = np.arange(n_all)
+    train_x = data.train_x[subset] if isinstance(data.train_x, torch.Tensor) else [data.train_x[i] for i in subset]
+    clean_y = data.train_y[subset].numpy()
+    if noise_file:
+        noisy = label_noise.load_noise_file(noise_file, n_all, data.num_classes, noise_column or None)[subset]
+        info = {"spec": f"file:{Path(noise_file).name}:{noise_column}",
+                "realized_rate": float((noisy != clean_y).mean())}
+    else:
+        images = train_x.numpy() if noise.startswith("inst") else None
+        noisy, info = label_noise.make_noisy_labels(noise, clean_y, data.num_classes, seed, dataset,
+                                                    images=images, include_true=include_true)
+    if data.notes.get("train_labels_are_noisy"):
+        info["realized_rate"] = None  # Clothing1M: the true labels of the training set are unknown
+    test_n = limit_eval or len(data.test_y)
+    return NoisyData(data, subset, train_x, torch.from_numpy(clean_y), torch.from_numpy(noisy).long(),
+                     data.test_x[:test_n], data.test_y[:test_n], info)
+
+
+class NoisyImages(torch.utils.data.Dataset):
+    """Item i -> (weak view, strong view, strong view', given label, index) for training (the first
+    `n_views` views), or (image, label, index) for evaluation. Images are uint8 tensors or
+    (Clothing1M) file paths, decoded here."""
+
+    def __init__(self, images, labels: torch.Tensor, views: tuple | None = None, test_view=None, n_views: int = 3):
+        self.images, self.labels, self.views, self.test_view, self.n_views = images, labels, views, test_view, n_views
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def _image(self, i: int) -> torch.Tensor:
+        x = self.images[i]
+        if isinstance(x, str):
+            from torchvision.io import ImageReadMode, decode_image
+
+            x = decode_image(x, mode=ImageReadMode.RGB)
+        return x
+
+    def __getitem__(self, i: int):
+        x = self._image(i)
+        if self.views is None:
+            return self.test_view(x), self.labels[i], i
+        weak, strong = self.views
+        out = [weak(x)] + [strong(x) for _ in range(self.n_views - 1)]
+        return (*out, self.labels[i], i)
+
+
+def epoch_loader(ds: torch.utils.data.Dataset, batch_size: int, shuffle: bool, seed: int, epoch: int,
+                 num_workers: int, device: torch.device) -> torch.utils.data.DataLoader:
+    """A fresh loader per epoch with a generator seeded by (seed, epoch): the data order and the
+    augmentations of epoch e are the same in an interrupted-and-resumed run."""
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=shuffle,
+                                       drop_last=shuffle and len(ds) >= batch_size, num_workers=num_workers,
+                                       generator=g, pin_memory=device.type == "cuda", persistent_workers=False)

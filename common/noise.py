@@ -5,7 +5,7 @@ noise rate is `mean(noisy != clean)`. `make_noisy_labels` parses a spec such as 
 `asym20`, `inst40` or `clean` and returns the labels plus a small info dict that the run
 saves beside its results.
 
-Conventions (see README, "paper vs. code"):
+Conventions (see docs/lacol.md, "Paper vs. code"):
 - `symNN` (default, as DivideMix/ELR): NN% of the samples, chosen at random, get a label
   drawn uniformly from *all* classes, so it can equal the true one; the realized rate is
   about NN% * (C-1)/C. `include_true=False` gives the Co-teaching transition matrix: each

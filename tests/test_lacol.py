@@ -245,7 +245,8 @@ def test_bad_arguments_exit_2(tmp_path, argv, flag):
 def test_help_lists_every_flag():
     r = _run("--help")
     assert r.returncode == 0
-    for flag in ("--noise", "--wo-ms", "--wo-sc", "--wo-diversity", "--preset", "--resume", "--k-neg", "--class-weight"):
+    for flag in ("--noise", "--wo-ms", "--wo-sc", "--wo-diversity", "--preset", "--resume", "--k-neg",
+                 "--class-weight"):
         assert flag in r.stdout
 
 
@@ -263,7 +264,8 @@ def test_resume_gives_the_same_result_as_an_uninterrupted_run(tmp_path, fmnist):
 
 
 def test_same_seed_same_metrics(tmp_path, fmnist):
-    common = ["--limit-train", "256", "--limit-eval", "200", "--epochs", "2", "--warmup-epochs", "1", "--batch-size", "64",
+    common = ["--limit-train", "256", "--limit-eval", "200", "--epochs", "2", "--warmup-epochs", "1",
+              "--batch-size", "64",
               "--deterministic"]
     a = lacol.main(_args(tmp_path, *common, "--exp-name", "a"))
     b = lacol.main(_args(tmp_path, *common, "--exp-name", "b"))

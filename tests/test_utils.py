@@ -197,7 +197,8 @@ def test_checkpoint_roundtrip_and_errors(tmp_path):
 def test_check_finite_names_the_term():
     utils.check_finite(torch.tensor(1.0), 3, {"a": torch.tensor(1.0)})
     with pytest.raises(utils.DivergedError, match="step 7.*l_ms"):
-        utils.check_finite(torch.tensor(float("nan")), 7, {"l_ce": torch.tensor(1.0), "l_ms": torch.tensor(float("nan"))})
+        utils.check_finite(torch.tensor(float("nan")), 7,
+                           {"l_ce": torch.tensor(1.0), "l_ms": torch.tensor(float("nan"))})
 
 
 def test_summary_has_versions_and_commit(tmp_path):
