@@ -1,18 +1,14 @@
 """CoNLST: Contrastive Negative Learning and Self-Training for zero-shot cross-lingual transfer.
 
-Docs: docs/conlst.md
+Docs: docs/conlst.md (paper vs. code: every reading of the paper; the CPU protocol; results)
 Paper: "Improving Cross-lingual Transfer with Contrastive Negative Learning and Self-training"
-(../shared/papers/conlst.txt). One file, top to bottom: arguments, data, back-translation,
-model, the method's losses and samplers (plain functions named after their equations), the
-per-step computations, the three stages, evaluation and the confidence diagnostics, main.
+(../shared/papers/conlst.txt). One file, top to bottom: arguments, data, model, the method's
+losses and samplers (plain functions named after their equations), the per-step computations,
+evaluation, the three stages, main.
 
-Training batches are length-grouped (common.text_data.length_grouped_order: sorted by length within
-seeded mega-batches of 50 batches, the batches shuffled), so padding wastes little compute;
-evaluation runs in length order and restores the original order.
-
-    python conlst.py --bt file --bt-file bt.tsv         # mBERT, MultiNLI -> 15 XNLI languages (GPU, downloads;
-                                                       #   el and bg need precomputed back-translations)
-    python conlst.py --preset xlmr --langs fr de sw    # XLM-R-large (Table 2), three languages, mBART-50 BT
+    python conlst.py --bt file --bt-file bt.tsv         # mBERT, MultiNLI -> 15 XNLI languages (GPU, downloads)
+    python -m common.back_translate --langs fr de sw   # mBART-50 back-translations (once), then:
+    python conlst.py --preset xlmr --langs fr de sw    # XLM-R-large (Table 2), three languages
     python conlst.py --lang fr --wo-clcs               # one ablation row (Table 3): w/o L_CLCS
     python conlst.py --wo-conl --wo-st --langs all     # the zero-shot baseline (stage 0 only)
     python conlst.py --preset cpu --lang fr            # CPU scale: e5-small, SNLI -> XNLI fr (~15 min, 2 cores)
@@ -39,66 +35,15 @@ language starting again from the same stage-0 model):
             Beta(4, 4) soft labels, Eq. 9-11), then one pass of
             Eq. 12-14  L_SSL = CE(source batch) + lambda_u * CE(target views)
 
-Readings and choices (README "paper vs. code" has the full table; "ours" = not in the paper):
-- Eq. 4: for max q >= gamma the paper writes the SET {c != argmax q}; default samples one
-  class of it per step (`--comp-label sample`), the whole set is `--comp-label all` (then
-  Eq. 5 draws negatives of any of those classes and Eq. 1 sums over them). gamma = 0.9
-  (ours: the edge of Table 4's high-confidence bin).
-- Eq. 5: K = 8 (ours). Independent draws per anchor (`--neg-sharing anchor`, literal);
-  `--neg-sharing batch` draws one K-set per complementary label per batch, which every
-  anchor of that label uses (each anchor still gets K uniform samples of the right class;
-  at most C*K instead of B*K negative passes per batch; the CPU preset uses it). Fewer than K candidates: all of
-  them (masked, no duplicates); none: the anchor's L_CL term is 0 (counted as no_neg_frac).
-  Negatives are encoded in the same forward pass as the anchors (dropout on, with gradient).
-- Eq. 6: the numerator pairs the anchor with its own second dropout pass (the text's
-  z_i/z_i is a typo); /tau on every term, positive in the denominator; s = -||a-b||^2
-  (Prototypical Networks), `--distance euclidean` for ||a-b||. tau = 1 (ours: Snell et al.
-  use none). The contrastive head is Linear(hidden, hidden) (size ours) on the pooled output,
-  separate from the classifier; its output is not normalized (`--con-normalize` does).
-- Eq. 7: read as the mean of L_NL, minimized (the outer minus sign would maximize it).
-- Stage 1 updates the classifier only through L_CLCS. `--wo-cl` replaces L_CL by Eq. 1's
-  negative learning on the target with the Eq. 4 complementary labels (L_CLCS kept).
-- Eq. 14: hard pseudo-labels (argmax), as the text says; the soft q in the formula is not used.
-  The pool is pseudo-labeled in eval mode (no dropout) once per iteration (ours).
-- FlexMatch (ours, its defaults): base threshold 0.95, T_c = 0.95 * M(beta_c),
-  M(x) = x / (2 - x), beta_c = sigma_c / max(max_c sigma_c, #unused) with warm-up
-  (/ max_c sigma_c without); sigma_c counts pool samples whose latest prediction above 0.95
-  was class c (FlexMatch's selected_label memory, kept across iterations).
-- Strong views: each selected sample gets ONE augmentation per iteration, drawn uniformly
-  among those enabled (back-translation only where a translation exists). Masking ratio 0.15
-  (ours: BERT's), subword tokens, special tokens and the e5 "query:" prefix kept. Mixup mixes a
-  sample's pooled embedding with that of a random other sample of the batch, lambda per sample.
-  Back-translation: target -> English -> target (pivot ours; French for English targets) with
-  mBART-50 many-to-many, greedy decoding (ours), cached to a TSV file; or --bt-file. mBART-50
-  has no Greek or Bulgarian: those need --bt-file (the paper used Google Translate).
-- Stage 0 (ours; the paper copies its baselines): AdamW, lr 2e-5, weight decay 0.01, 10%
-  linear warm-up then linear decay, 2 epochs, batch 32, max length 128, gradient clipping at 1.0
-  (all stages), best epoch on English dev. Stage 2 (ours): Adam, lr = stage 0's, 3 iterations,
-  batch 32 target + 32 source.
-- Model selection uses English dev only (zero-shot: no target labels). Every stage hands on its
-  best-English-dev checkpoint (`--handoff last`: its last one); a language's reported "best" is
-  the best-English-dev evaluation of the pipeline's last stage, "final" its last evaluation.
-- Pooling: the encoder's pooler when it has one (mBERT, XLM-R, as BertForSequenceClassification),
-  else mean pooling (e5-small, with the "query: " prefix on the premise: the E5 convention).
-- Protocol (ours; the paper only says 7,500 dev+test examples per language): unlabeled pool =
-  the target's XNLI dev split, evaluation = its test split. CPU preset: source = SNLI dev+test,
-  pool = target XNLI test (no labels in that file), evaluation = target XNLI dev, selection =
-  English XNLI dev, multilingual-e5-small with frozen word embeddings, back-translation OFF.
-- Diagnostics (Table 4, Figure 3): pseudo-label accuracy per confidence bin after stages 0, 1
-  and 2, on the pool when its gold labels exist (paper scale), else on the evaluation set (CPU
-  scale). Target gold labels are read ONLY by `load_pool_gold_labels_for_analysis_only` and
-  used only in `analysis_only_confidence_bins`; training and selection never see them.
+Model selection uses English dev only (zero-shot); target gold labels are read only for the
+confidence diagnostics (Table 4). Training batches are length-grouped, evaluation runs in length order.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import os
-import sys
 import time
-import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
 
@@ -109,47 +54,35 @@ import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import get_linear_schedule_with_warmup
 
-from common import text_data, utils
-from common.text_data import XNLI_LANGS, Example, hub_unavailable_reason, load_text_task
-from common.text_models import default_cache_dir, load_encoder, mean_pool, tiny_encoder
+from common import utils
+from common.back_translate import MBART50_CODES, cache_file, clean, read_translations
+from common.run import Run, RunArgs
+from common.text_data import XNLI_LANGS, Example, SourceStream, grouped_order, load_pairs, pass_key, tokenize_pairs
+from common.text_models import (TrainableState, freeze_word_embeddings, load_encoder, load_trainable, mean_pool,
+                                resolve_pooling, save_trainable, tiny_encoder)
 from common.utils import MissingError, UsageError, arg
 
 NUM_CLASSES = 3  # entailment, neutral, contradiction (XNLI, MultiNLI and SNLI share the order)
 
 
-# =========================================================================================
-# Arguments (defaults: the paper's mBERT setting, Table 1)
-# =========================================================================================
+# ==== Arguments (defaults: the paper's mBERT setting, Table 1) ============================================
 @dataclass
-class Args:
+class Args(RunArgs):
     """CoNLST: zero-shot cross-lingual NLI with contrastive negative learning and self-training."""
 
-    # -- run
-    exp_name: str = arg("", "run directory name (default: method__xnli__source-langs__seed__time)")
-    seed: int = arg(0, "random seed (subsets, initialisation, data order, sampling)")
-    device: str = arg("auto", "auto, cpu, cuda or cuda:N")
-    precision: str = arg("auto", "auto (bf16 on CUDA if supported, fp16 on older GPUs; on CPU bf16 if it has "
-                         "native bf16, else fp32), fp32, bf16, fp16",
-                         choices=["auto", "fp32", "bf16", "fp16"])
-    deterministic: bool = arg(False, "ask PyTorch for deterministic kernels (CUDA: slower)")
+    # -- run (and the flags every script shares: common.run.RunArgs)
     data_dir: str = arg("", "folder of the offline text data (default: $LIS_SHARED_DATA, ./data, ../shared/data)")
-    data_source: str = arg("auto", "auto: local files where present, else the HF hub (labelled copies are "
-                           "fetched from the hub when a local split has no labels); local; hub",
-                           choices=["auto", "local", "hub"])
-    out_dir: str = arg("runs", "parent of the run directory")
-    track: bool = arg(False, "also write TensorBoard events to <run>/tb")
+    data_source: str = arg("auto", "auto: local files where present, else the HF hub (also for labels a local "
+                           "split lacks); local; hub", choices=["auto", "local", "hub"])
     resume: str = arg("", "run directory to continue from its last checkpoint (any stage, any language); its own"
                       " arguments are used, except --max-steps when given")
     max_steps: int | None = arg(None, "cap on optimizer steps per training pass (each stage-0 epoch, stage-1 "
                                 "epoch and stage-2 iteration); for smoke tests. Default: no cap")
-    skip_nonfinite: bool = arg(False, "skip a step whose loss is NaN or infinite (no update; counted in metrics.jsonl "
-                               "and summary.json) instead of stopping the run with exit code 4")
     limit_train: int | None = arg(None, "random subset of this many labeled source pairs (default: all)")
     limit_pool: int | None = arg(None, "random subset of this many unlabeled target pairs (same rows in every "
                                  "language; default: all)")
     limit_eval: int | None = arg(None, "fixed random subset of this many pairs of the evaluation and the "
                                  "English selection sets (the same for every seed; default: all)")
-    preset: str | None = arg(None, "named group of settings, applied before the other flags")
     # -- protocol
     lang: str = arg("", "one target language (XNLI code); short for --langs LANG and takes precedence")
     langs: list[str] = arg(["all"], "target languages (XNLI codes), or 'all' for the 15; stage 0 is trained "
@@ -224,13 +157,13 @@ class Args:
     flex_warmup: bool = arg(True, "FlexMatch threshold warm-up (unused samples count in the normalizer)")
     mask_ratio: float = arg(0.15, "random masking: probability of masking each token (not given)", lt=1)
     mixup_alpha: float = arg(4.0, "Eq. 11 Beta(alpha, alpha) (paper: 4)", gt=0)
-    bt: str = arg("mbart", "back-translations from: mbart (mBART-50, computed once and cached), file (--bt-file), "
-                  "off", choices=["mbart", "file", "off"])
+    bt: str = arg("mbart", "back-translations from: mbart (mBART-50's, written once by python -m "
+                  "common.back_translate), file (--bt-file), off", choices=["mbart", "file", "off"])
     bt_file: str = arg("", "precomputed back-translations: TSV lines 'original<TAB>back-translation' (any languages)")
     bt_model: str = arg("facebook/mbart-large-50-many-to-many-mmt", "translation model for --bt mbart")
     bt_pivot: str = arg("en", "pivot language of back-translation (for a target equal to it: fr)")
-    bt_cache_dir: str = arg("", "where mBART back-translations are cached (default: ~/.cache/lis/backtranslation)")
-    bt_batch_size: int = arg(32, "sentences per mBART generation batch")
+    bt_cache_dir: str = arg("", "where the mBART back-translations are (default: ~/.cache/lis/backtranslation)")
+    bt_batch_size: int = arg(32, "sentences per mBART generation batch (of the back-translation command)")
     keep_models: bool = arg(False, "keep every language's stage-1 and stage-2 models (stage1_LANG.pt, "
                             "stage2_LANG.pt; large); stage0.pt is always kept")
 
@@ -238,12 +171,9 @@ class Args:
 PRESETS = {
     "xlmr": {"_doc": "paper XLM-R-large (Table 2): stage-1 lr 5e-6; stage 0/2 lr 7e-6 (ours)",
              "model": "xlm-roberta-large", "s1_lr": 5e-6, "s0_lr": 7e-6, "s2_lr": 7e-6},
-    "cpu": {"_doc": "CPU scale (~15 min per language and seed on 2 idle cores in fp32, stage 0 included; stage 0 "
-                    "took 1.8x less in bf16): e5-small, SNLI "
-                    "dev+test (3,000 pairs) -> XNLI test pool (800, no labels), eval on XNLI dev (1,000), selection on "
-                    "English XNLI dev (1,000), no back-translation; gamma 0.45: this stage-0 model's max q rarely "
-                    "exceeds 0.55 (XNLI-fr: 26 of 1,000 pairs above 0.5, none above 0.6), so 0.9 leaves stage 1 "
-                    "without negatives; 0.45 keeps its most confident ~15%",
+    "cpu": {"_doc": "CPU scale (~15 min per language and seed on 2 cores in fp32): e5-small, SNLI dev+test (3,000 "
+                    "pairs) -> XNLI test pool (800, no labels), eval on XNLI dev (1,000), selection on English XNLI "
+                    "dev (1,000), no back-translation, gamma 0.45 (why: docs/conlst.md)",
             "model": "e5-small", "langs": ["fr"], "source_task": "snli", "source_splits": ["dev", "test"],
             "pool_split": "test", "eval_split": "dev", "limit_train": 3000, "limit_pool": 800, "limit_eval": 1000,
             "freeze_embeddings": True, "s0_epochs": 1, "s0_lr": 5e-5, "s1_lr": 5e-6, "s2_lr": 5e-5, "gamma": 0.45,
@@ -317,10 +247,7 @@ def bt_enabled(args: Args) -> bool:
     return 2 in stages_of(args) and not args.wo_bt and args.bt != "off"
 
 
-# =========================================================================================
-# Data: labeled English source, unlabeled target pool, target evaluation set, English
-# selection set. Examples are (premise, hypothesis, label); the pool keeps no labels.
-# =========================================================================================
+# ==== Data: English source, unlabeled target pool, target evaluation set, English selection set ============
 @dataclass
 class TargetData:
     lang: str
@@ -329,182 +256,91 @@ class TargetData:
     bt: dict[str, str] | None = None  # back-translation of each pool sentence (where available)
 
 
-def _data_dir(args: Args) -> Path | None:
-    return Path(args.data_dir) if args.data_dir else None
+@dataclass
+class Data:
+    source: list[Example]
+    select: list[Example]
+    targets: dict[str, TargetData]
 
 
-def _subset(n: int, limit: int | None, seed: int) -> np.ndarray:
-    if limit is None or limit >= n:
-        return np.arange(n)
-    return np.sort(np.random.default_rng(seed).permutation(n)[:limit])
+def _pool_rows(args: Args, lang: str, record: dict | None = None) -> list[Example]:
+    """The pool's rows of the target's XNLI split: the same rows in every language (XNLI is parallel)."""
+    return load_pairs(f"xnli-{lang}", args.pool_split, args.data_dir or None, args.data_source, args.limit_pool,
+                      args.seed, record, f"pool_{lang}", what=" (labels dropped)")
 
 
-def _note(record: dict | None, key: str, what: str, n_all: int, idx: np.ndarray) -> None:
-    """Put a subset into `record` (saved as data_subsets.json): its indices into the split(s),
-    None when every example is used."""
-    if record is not None:
-        record[key] = {"data": what, "n_all": n_all, "indices": None if len(idx) == n_all else idx.tolist()}
-
-
-def load_labelled(args: Args, task: str, split: str) -> list[Example]:
-    """A labelled split; with --data-source auto, a local copy without labels (local XNLI test)
-    is replaced by the hub's labelled copy."""
-    ex = load_text_task(task, split, _data_dir(args), args.data_source)
-    if any(e.label == -1 for e in ex):
-        if args.data_source == "auto":
-            ex = load_text_task(task, split, _data_dir(args), "hub")
-        else:
-            raise MissingError(f"{task} {split}: this copy has no labels (the local XNLI test files have none); "
-                               "use --data-source auto/hub on a machine with network, or --eval-split dev")
-    return ex
-
-
-def load_source(args: Args, record: dict | None = None) -> list[Example]:
-    ex: list[Example] = []
-    for split in args.source_splits:
-        ex += [e for e in load_text_task(args.source_task, split, _data_dir(args), args.data_source) if e.label >= 0]
-    idx = _subset(len(ex), args.limit_train, args.seed)
-    _note(record, "source", f"{args.source_task} {'+'.join(args.source_splits)} (labelled pairs)", len(ex), idx)
-    return [ex[i] for i in idx]
-
-
-def load_eval_set(args: Args, lang: str, split: str, record: dict | None = None, key: str = "") -> list[Example]:
-    ex = load_labelled(args, f"xnli-{lang}", split)
-    idx = _subset(len(ex), args.limit_eval, 12345)  # fixed: same subset for every seed
-    _note(record, key or f"eval_{lang}", f"xnli-{lang} {split}", len(ex), idx)
-    return [ex[i] for i in idx]
-
-
-def load_pool(args: Args, lang: str, record: dict | None = None) -> list[tuple[str, str]]:
-    """The unlabeled target pool: premise/hypothesis only. XNLI is parallel across languages, so
-    the same rows are taken in every language."""
-    ex = load_text_task(f"xnli-{lang}", args.pool_split, _data_dir(args), args.data_source)
-    idx = _subset(len(ex), args.limit_pool, args.seed)
-    _note(record, f"pool_{lang}", f"xnli-{lang} {args.pool_split} (labels dropped)", len(ex), idx)
-    return [(ex[i].text_a, ex[i].text_b) for i in idx]
+def load_data(args: Args, langs: list[str], record: dict | None = None) -> Data:
+    """Every data set of the run; `record` receives the subsets (saved as data_subsets.json). The
+    evaluation and selection subsets are the same for every seed (drawn with 12345)."""
+    where = (args.data_dir or None, args.data_source)
+    source = load_pairs(args.source_task, args.source_splits, *where, args.limit_train, args.seed, record, "source",
+                        labels="labelled", what=" (labelled pairs)")
+    select = load_pairs(f"xnli-{args.select_lang}", args.select_split, *where, args.limit_eval, 12345, record, "select",
+                        labels="required")
+    targets = {lang: TargetData(lang, [(e.text_a, e.text_b) for e in _pool_rows(args, lang, record)],
+                                load_pairs(f"xnli-{lang}", args.eval_split, *where, args.limit_eval, 12345, record,
+                                           f"eval_{lang}", labels="required"))
+               for lang in langs}
+    return Data(source, select, targets)
 
 
 def load_pool_gold_labels_for_analysis_only(args: Args, lang: str) -> torch.Tensor | None:
     """READS TARGET GOLD LABELS. For the confidence diagnostics (Table 4, Figure 3) only: the
     labels of the pool rows, or None where the pool split has none (local XNLI test, CPU scale).
     Nothing that trains or selects a model calls this."""
-    ex = load_text_task(f"xnli-{lang}", args.pool_split, _data_dir(args), args.data_source)
-    gold = [ex[i].label for i in _subset(len(ex), args.limit_pool, args.seed)]
+    gold = [e.label for e in _pool_rows(args, lang)]
     return None if any(y == -1 for y in gold) else torch.tensor(gold)
 
 
-# =========================================================================================
-# Back-translation (stage 2's first strong augmentation): target -> pivot -> target with
-# mBART-50 many-to-many, computed once per (model, language, pivot) and cached as TSV.
-# =========================================================================================
-MBART50_CODES = {"ar": "ar_AR", "de": "de_DE", "en": "en_XX", "es": "es_XX", "fr": "fr_XX", "hi": "hi_IN",
-                 "ru": "ru_RU", "sw": "sw_KE", "th": "th_TH", "tr": "tr_TR", "ur": "ur_PK", "vi": "vi_VN",
-                 "zh": "zh_CN"}  # XNLI languages that mBART-50 covers: no el, no bg
+def check_sizes(args: Args, data: Data) -> None:
+    """Batch sizes and K against the data the stages that run will see (one line naming the flag)."""
+    n_src = len(data.source)
+    n_pool = min(len(t.pool) for t in data.targets.values())
+    checks = [] if args.stage0_from else [("s0_batch_size", n_src, "labeled source pairs")]
+    if 1 in stages_of(args):
+        checks += [("s1_batch_size", n_pool, "pairs of the unlabeled pool")]
+        checks += [] if args.wo_clcs else [("s1_source_batch_size", n_src, "labeled source pairs")]
+    if 2 in stages_of(args):
+        checks += [("s2_batch_size", n_pool, "pairs of the unlabeled pool"),
+                   ("s2_source_batch_size", n_src, "labeled source pairs")]
+    for name, n, what in checks:
+        if getattr(args, name) > n:
+            raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)}: larger than the {n} {what}")
+    if 1 in stages_of(args) and not args.wo_cl and args.k_neg > n_pool - 1:
+        raise UsageError(f"--k-neg {args.k_neg}: an anchor's negatives are other pairs of the unlabeled pool, "
+                         f"which has {n_pool}; at most {n_pool - 1} are possible")
 
 
-def _clean(text: str) -> str:
-    return " ".join(text.replace("\t", " ").split())
-
-
-def read_translations(path: str | Path) -> dict[str, str]:
-    """A TSV of 'original<TAB>translation' lines (tabs and newlines inside a text are spaces)."""
-    path = Path(path)
-    if not path.is_file():
-        raise MissingError(f"--bt-file {path}: not found (expected TSV lines 'original<TAB>back-translation')")
-    out = {}
-    for i, line in enumerate(path.read_text(encoding="utf-8").split("\n"), 1):
-        if not line.strip():
-            continue
-        src, sep, tgt = line.partition("\t")
-        if not sep or "\t" in tgt:
-            raise MissingError(f"{path}:{i}: expected 'original<TAB>back-translation'")
-        out[_clean(src)] = _clean(tgt)
-    return out
-
-
-def write_translations(path: str | Path, mapping: dict[str, str]) -> None:
-    utils.atomic_write_text(path, "".join(f"{_clean(s)}\t{_clean(t)}\n" for s, t in mapping.items()))
-
-
-def mbart_translator(model_name: str, device: torch.device, batch_size: int, max_length: int) -> Callable:
-    """translate(texts, src_lang, tgt_lang) -> texts, with mBART-50 many-to-many (greedy decoding).
-    Loaded on first use; offline and not cached it fails with one line."""
-    state: dict[str, Any] = {}
-
-    def load():
-        from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
-
-        offline = hub_unavailable_reason() is not None
-        try:
-            state["tok"] = AutoTokenizer.from_pretrained(model_name, local_files_only=offline)
-            model = AutoModelForSeq2SeqLM.from_pretrained(model_name, local_files_only=offline)
-            state["model"] = model.to(device).eval()
-        except (OSError, ValueError) as e:
-            why = f"the hub is {hub_unavailable_reason()}" if offline else str(e).splitlines()[0][:150]
-            raise MissingError(f"back-translation model {model_name}: could not be loaded ({why}); run once with "
-                               "network to cache it, or give --bt file --bt-file PATH, or --bt off") from None
-
-    @torch.no_grad()
-    def translate(texts: list[str], src: str, tgt: str) -> list[str]:
-        if not state:
-            load()
-        tok, model = state["tok"], state["model"]
-        tok.src_lang = MBART50_CODES[src]
-        out = []
-        for i in tqdm(range(0, len(texts), batch_size), desc=f"mBART {src}->{tgt}", leave=False, disable=None):
-            enc = tok(texts[i:i + batch_size], return_tensors="pt", padding=True, truncation=True,
-                      max_length=max_length).to(device)
-            gen = model.generate(**enc, forced_bos_token_id=tok.convert_tokens_to_ids(MBART50_CODES[tgt]),
-                                 num_beams=1, do_sample=False, max_new_tokens=max_length)
-            out += tok.batch_decode(gen, skip_special_tokens=True)
-        return out
-
-    return translate
-
-
-def back_translate(sentences: list[str], lang: str, pivot: str, translate: Callable,
-                   cache_file: Path | None) -> dict[str, str]:
-    """{sentence: back-translation} for every sentence, lang -> pivot -> lang; already cached
-    sentences are not translated again, and the cache is rewritten (atomically) when it grew."""
-    cached = read_translations(cache_file) if cache_file is not None and cache_file.is_file() else {}
-    todo = sorted({_clean(s) for s in sentences} - set(cached))
-    if todo:
-        there = translate(todo, lang, pivot)
-        back = translate(there, pivot, lang)
-        cached.update({s: _clean(b) for s, b in zip(todo, back)})
-        if cache_file is not None:
-            write_translations(cache_file, cached)
-    return cached
-
-
-def load_backtranslations(args: Args, lang: str, pool: list[tuple[str, str]], device: torch.device,
-                          translator: Callable | None = None) -> dict[str, str]:
-    """Back-translations of the pool's sentences (keys: whitespace-normalised originals)."""
-    sentences = [s for pair in pool for s in pair]
+def load_backtranslations(args: Args, lang: str, pool: list[tuple[str, str]]) -> dict[str, str]:
+    """Back-translations of the pool's sentences (keys: whitespace-normalised originals): --bt-file,
+    or for --bt mbart the file `python -m common.back_translate` writes, which must hold every one."""
     if args.bt == "file":
         return read_translations(args.bt_file)
     if lang not in MBART50_CODES:
         raise MissingError(f"back-translation ({lang}): mBART-50 does not cover this language (the paper used "
                            "Google Translate); give precomputed ones with --bt file --bt-file PATH, or use --wo-bt")
-    pivot = args.bt_pivot if lang != args.bt_pivot else "fr"
-    cache_dir = Path(args.bt_cache_dir) if args.bt_cache_dir else default_cache_dir() / "backtranslation"
-    cache_file = cache_dir / f"{args.bt_model.replace('/', '__')}.{lang}.via-{pivot}.tsv"
-    translate = translator or mbart_translator(args.bt_model, device, args.bt_batch_size, args.max_length)
-    return back_translate(sentences, lang, pivot, translate, cache_file)
+    path = cache_file(args.bt_cache_dir, args.bt_model, lang, args.bt_pivot)
+    bt = read_translations(path) if path.is_file() else {}
+    missing = {clean(s) for pair in pool for s in pair} - set(bt)
+    if missing:
+        extra = {"--cache-dir": args.bt_cache_dir, "--data-dir": args.data_dir}
+        cmd = (f"python -m common.back_translate --langs {lang} --split {args.pool_split} --model {args.bt_model} "
+               f"--pivot {args.bt_pivot} --batch-size {args.bt_batch_size} --max-length {args.max_length}"
+               + "".join(f" {k} {v}" for k, v in extra.items() if v))
+        raise MissingError(f"back-translation ({lang}): {path} lacks {len(missing)} of the pool's sentences; write "
+                           f"it with: {cmd} (or give --bt file --bt-file PATH, or --wo-bt)")
+    return bt
 
 
 def bt_pair(bt: dict[str, str] | None, pair: tuple[str, str]) -> tuple[str, str] | None:
     """The back-translated pair, or None when either sentence has no translation."""
     if not bt:
         return None
-    a, b = bt.get(_clean(pair[0])), bt.get(_clean(pair[1]))
+    a, b = bt.get(clean(pair[0])), bt.get(clean(pair[1]))
     return (a, b) if a and b else None
 
 
-# =========================================================================================
-# Model: multilingual encoder, pooled sentence vector, classifier theta_cl and contrastive
-# head theta_con (both linear, on the pooled output)
-# =========================================================================================
+# ==== Model: encoder, pooled sentence vector, classifier theta_cl and contrastive head theta_con (linear) ===
 class CoNLSTModel(nn.Module):
     def __init__(self, encoder: nn.Module, pooling: str, con_dim: int, dropout: float):
         super().__init__()
@@ -532,49 +368,62 @@ class CoNLSTModel(nn.Module):
 
 def build_model(args: Args, tiny_texts: list[str]):
     """(model, tokenizer, premise prefix). Hub names and e5-small through common.text_models;
-    `tiny`: a random 2-layer BERT whose tokenizer is trained on the run's own texts."""
+    `tiny`: a random 2-layer BERT whose tokenizer is trained on the run's own texts. Pooling: the
+    encoder's pooler when it has one (mBERT, XLM-R), else mean pooling with E5's "query: " prefix."""
     if args.model == "tiny":
         encoder, tok = tiny_encoder(tiny_texts, hidden=32, layers=2, heads=2, vocab_size=3000,
                                     max_length=args.max_length, seed=args.seed)
     else:
         encoder, tok = load_encoder(args.model)
-    pooling = args.pooling
-    if pooling == "auto":
-        pooling = "pooler" if getattr(encoder, "pooler", None) is not None else "mean"
-    if pooling == "pooler" and getattr(encoder, "pooler", None) is None:
-        raise UsageError(f"--pooling pooler: {args.model} has no pooler; use mean or cls")
+    pooling = resolve_pooling(encoder, args.pooling, args.model)
     prefix = {"auto": "query: " if args.model == "e5-small" else "", "none": ""}.get(args.text_prefix, args.text_prefix)
     model = CoNLSTModel(encoder, pooling, args.con_dim, args.classifier_dropout)
     if args.freeze_embeddings:
-        model.encoder.get_input_embeddings().weight.requires_grad_(False)
+        freeze_word_embeddings(model)
     if tok.mask_token_id is None and 2 in stages_of(args):
         raise UsageError(f"--model {args.model}: its tokenizer has no mask token, which random masking needs")
     return model, tok, prefix
 
 
-def frozen_keys(model: nn.Module) -> set[str]:
-    return {n for n, p in model.named_parameters() if not p.requires_grad}
+@dataclass
+class Net:
+    """The model and what the batch builders, the steps and `predict` need around it."""
+
+    model: CoNLSTModel
+    tok: Any
+    prefix: str  # before each premise ("query: " for e5-small)
+    max_length: int
+    device: torch.device
+    amp_dtype: torch.dtype | None = None
+    scaler: Any = None  # torch.amp.GradScaler
 
 
-def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The state dict without frozen parameters (they equal the pretrained weights): a frozen
-    e5-small embedding matrix is 96M of its 117M parameters."""
-    skip = frozen_keys(model)
-    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if k not in skip}
+HANDOFF = "a stage hand-off file of this run"
 
 
-def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    emb = {n for n, p in model.named_parameters() if p is model.encoder.get_input_embeddings().weight}
-    if unexpected or set(missing) - emb:
-        raise MissingError(f"{what}: does not fit this model (missing {sorted(set(missing) - emb)[:3]}, "
-                           f"unexpected {sorted(unexpected)[:3]})")
+def trainable(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
 
 
-# =========================================================================================
-# The method: Eq. 4 (complementary labels), Eq. 5 (negatives), Eq. 6 (L_CL), Eq. 1 and 7
-# (negative learning, L_CLCS), FlexMatch thresholds, random masking, mixup (Eq. 9-11)
-# =========================================================================================
+def load_stage0_file(args: Args, pooling: str, prefix: str) -> Path:
+    """The stage-0 weights to reuse: a run directory holding stage0.pt, or the file."""
+    path = Path(args.stage0_from)
+    if path.is_dir():
+        path = path / "stage0.pt"
+    if not path.is_file():
+        raise MissingError(f"--stage0-from {args.stage0_from}: no stage0.pt there (train stage 0 once with this "
+                           "script; its run directory holds stage0.pt)")
+    meta = torch.load(path, map_location="cpu", weights_only=False).get("meta", {})
+    for key, mine in (("model", args.model), ("con_dim", args.con_dim), ("pooling", pooling), ("prefix", prefix)):
+        if meta.get(key) != mine:
+            raise UsageError(f"--stage0-from {args.stage0_from}: trained with {key} {meta.get(key)}, "
+                             f"this run uses {mine}")
+    if meta.get("seed") != args.seed:
+        print(f"note: --stage0-from was trained with seed {meta.get('seed')}, this run uses seed {args.seed}")
+    return path
+
+
+# ==== The method: Eq. 4, 5, 6, 1 and 7, FlexMatch thresholds, random masking, mixup (Eq. 9-11) ============
 def complementary_labels_eq4(probs: torch.Tensor, gamma: float, mode: str = "sample") -> torch.Tensor:
     """Eq. 4 as a [N, C] bool mask of complementary classes. max q >= gamma: the classes other
     than argmax q (mode all), or one of them drawn uniformly (mode sample); max q < gamma:
@@ -718,29 +567,7 @@ def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Ten
     return -(targets * F.log_softmax(logits.float(), dim=1)).sum(dim=1).mean()
 
 
-# =========================================================================================
-# Batches and the per-step computations. Each *_step(model, batch, args) -> (loss, terms)
-# is one training step's forward and loss on a ready batch (tensors on the device), so a
-# benchmark can time the method against its baseline on the same batch (see time_steps).
-# =========================================================================================
-def tokenize_pairs(tok, pairs: list[tuple[str, str]], prefix: str, max_length: int,
-                   maskable: bool = False) -> dict[str, torch.Tensor]:
-    """Tokenize (premise, hypothesis) pairs, padded to the longest; with `maskable`, also the
-    [N, T] bool mask of tokens random masking may replace (not special, not the prefix)."""
-    enc = tok([prefix + a for a, _ in pairs], [b for _, b in pairs], truncation=True, max_length=max_length,
-              padding=True, return_tensors="pt", return_special_tokens_mask=maskable)
-    out = {k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc}
-    if maskable:
-        can = (enc["special_tokens_mask"] == 0) & (enc["attention_mask"] == 1)
-        # the prefix's own tokens ("query: " alone also yields a trailing "▁" that, in context, is part of
-        # the first word: count it without the trailing space)
-        n_prefix = len(tok(prefix.rstrip(), add_special_tokens=False)["input_ids"]) if prefix.strip() else 0
-        if n_prefix:
-            can[:, 1:1 + n_prefix] = False  # the e5 "query:" prefix right after <s>
-        out["maskable"] = can
-    return out
-
-
+# ==== Batches and steps: each *_step(model, batch, args) -> (loss, terms) is one step's forward and loss ===
 def to_device(enc: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     return {k: v.to(device, non_blocking=True) for k, v in enc.items()}
 
@@ -749,10 +576,11 @@ def rows(enc: dict[str, torch.Tensor], index: torch.Tensor) -> dict[str, torch.T
     return {k: v[index] for k, v in enc.items()}
 
 
-def make_ft_batch(ctx: "Ctx", examples: list[Example]) -> dict:
+def make_ft_batch(net: Net, examples: list[Example]) -> dict:
     """A labeled source batch."""
-    enc = tokenize_pairs(ctx.tok, [(e.text_a, e.text_b) for e in examples], ctx.prefix, ctx.args.max_length)
-    return {"src": to_device(enc, ctx.device), "src_labels": torch.tensor([e.label for e in examples], device=ctx.device)}
+    enc = tokenize_pairs(net.tok, [(e.text_a, e.text_b) for e in examples], net.prefix, net.max_length)
+    labels = torch.tensor([e.label for e in examples], device=net.device)
+    return {"src": to_device(enc, net.device), "src_labels": labels}
 
 
 def ft_step(model: CoNLSTModel, batch: dict, args: Args) -> tuple[torch.Tensor, dict]:
@@ -761,25 +589,26 @@ def ft_step(model: CoNLSTModel, batch: dict, args: Args) -> tuple[torch.Tensor, 
     return loss, {"l_ce": loss.detach()}
 
 
-def make_conl_batch(ctx: "Ctx", anchor_pairs: list[tuple[str, str]], comp_mask: torch.Tensor,
+def make_conl_batch(net: Net, pool: list[tuple[str, str]], anchor_pairs: list[tuple[str, str]], comp_mask: torch.Tensor,
                     neg_idx: torch.Tensor, neg_valid: torch.Tensor, source: list[Example]) -> dict:
-    """Anchors and their unique negatives tokenized together (one padding); neg_pos [B, K] points
-    at the negatives' rows after the anchors."""
-    pool = ctx.target.pool
+    """Anchors and their unique negatives (rows of `pool`) tokenized together (one padding);
+    neg_pos [B, K] points at the negatives' rows after the anchors."""
     uniq = torch.unique(neg_idx[neg_valid]) if neg_valid.any() else torch.zeros(0, dtype=torch.long)
-    neg_pos = torch.searchsorted(uniq, neg_idx).clamp(max=max(len(uniq) - 1, 0)) if len(uniq) else torch.zeros_like(neg_idx)
-    enc = tokenize_pairs(ctx.tok, anchor_pairs + [pool[i] for i in uniq.tolist()], ctx.prefix, ctx.args.max_length)
-    batch = {"tgt": to_device(enc, ctx.device), "n_anchor": len(anchor_pairs),
-             "neg_pos": neg_pos.to(ctx.device), "neg_valid": neg_valid.to(ctx.device),
-             "comp_mask": comp_mask.to(ctx.device)}
+    neg_pos = (torch.searchsorted(uniq, neg_idx).clamp(max=max(len(uniq) - 1, 0)) if len(uniq)
+               else torch.zeros_like(neg_idx))
+    enc = tokenize_pairs(net.tok, anchor_pairs + [pool[i] for i in uniq.tolist()], net.prefix, net.max_length)
+    batch = {"tgt": to_device(enc, net.device), "n_anchor": len(anchor_pairs),
+             "neg_pos": neg_pos.to(net.device), "neg_valid": neg_valid.to(net.device),
+             "comp_mask": comp_mask.to(net.device)}
     if source:
-        batch.update(make_ft_batch(ctx, source))
+        batch.update(make_ft_batch(net, source))
     return batch
 
 
 def conl_step(model: CoNLSTModel, batch: dict, args: Args) -> tuple[torch.Tensor, dict]:
     """Stage 1: L_CoNL = L_CL + lambda * L_CLCS (Eq. 8). One encoder pass over [anchors,
-    anchors again (the second dropout view), negatives]. --wo-cl: Eq. 1 on the anchors instead."""
+    anchors again (the second dropout view), negatives]; the classifier learns only through
+    L_CLCS. --wo-cl: Eq. 1 on the anchors (their Eq. 4 labels) instead of L_CL."""
     b, tgt = batch["n_anchor"], batch["tgt"]
     n_rows = tgt["input_ids"].shape[0]
     terms: dict[str, torch.Tensor] = {}
@@ -789,13 +618,15 @@ def conl_step(model: CoNLSTModel, batch: dict, args: Args) -> tuple[torch.Tensor
         loss = terms["l_nl"]
     else:
         dev = tgt["input_ids"].device
-        order = torch.cat([torch.arange(b, device=dev), torch.arange(b, device=dev), torch.arange(b, n_rows, device=dev)])
+        anchors = torch.arange(b, device=dev)
+        order = torch.cat([anchors, anchors, torch.arange(b, n_rows, device=dev)])
         h = model.con_head(model.pool(rows(tgt, order))).float()
         if args.con_normalize:
             h = F.normalize(h, dim=-1)
         h_anchor, h_pos, h_negs = h[:b], h[b:2 * b], h[2 * b:]
         h_neg = h_negs[batch["neg_pos"]] if h_negs.shape[0] else h.new_zeros(b, batch["neg_pos"].shape[1], h.shape[1])
-        terms["l_cl"] = contrastive_negative_loss_eq6(h_anchor, h_pos, h_neg, batch["neg_valid"], args.tau, args.distance)
+        terms["l_cl"] = contrastive_negative_loss_eq6(h_anchor, h_pos, h_neg, batch["neg_valid"], args.tau,
+                                                      args.distance)
         terms["no_neg_frac"] = (~batch["neg_valid"].any(1)).float().mean()
         loss = terms["l_cl"]
     if not args.wo_clcs and "src" in batch:
@@ -804,25 +635,24 @@ def conl_step(model: CoNLSTModel, batch: dict, args: Args) -> tuple[torch.Tensor
     return loss, {k: v.detach() for k, v in terms.items()}
 
 
-def make_st_batch(ctx: "Ctx", pairs: list[tuple[str, str]], kinds: list[str], labels: list[int],
-                  source: list[Example]) -> dict:
+def make_st_batch(net: Net, args: Args, bt: dict[str, str] | None, pairs: list[tuple[str, str]], kinds: list[str],
+                  labels: list[int], source: list[Example]) -> dict:
     """Stage 2: one strong view per target sample: 'bt' (the back-translated pair), 'mask'
     (random token masking) or 'mixup' (the original text; its pooled vector is mixed in the
     step with a random other sample of the batch, lambda ~ Beta(alpha, alpha))."""
-    args = ctx.args
-    view_pairs = [bt_pair(ctx.target.bt, p) if k == "bt" else p for p, k in zip(pairs, kinds)]
-    enc = tokenize_pairs(ctx.tok, view_pairs, ctx.prefix, args.max_length, maskable=True)
+    view_pairs = [bt_pair(bt, p) if k == "bt" else p for p, k in zip(pairs, kinds)]
+    enc = tokenize_pairs(net.tok, view_pairs, net.prefix, net.max_length, maskable=True)
     to_mask = torch.tensor([k == "mask" for k in kinds])
     masked = random_token_masking(enc["input_ids"], enc.pop("maskable") & to_mask[:, None], args.mask_ratio,
-                                  ctx.tok.mask_token_id)
+                                  net.tok.mask_token_id)
     enc["input_ids"] = masked
     b = len(pairs)
     is_mixup = torch.tensor([k == "mixup" for k in kinds])
     partner = (torch.arange(b) + torch.randint(1, max(b, 2), (b,))) % b if b > 1 else torch.zeros(1, dtype=torch.long)
-    batch = {"tgt": to_device(enc, ctx.device), "tgt_labels": torch.tensor(labels, device=ctx.device),
-             "is_mixup": is_mixup.to(ctx.device), "partner": partner.to(ctx.device),
-             "lam": sample_mixup_lambda_eq11(b, args.mixup_alpha).to(ctx.device)}
-    batch.update(make_ft_batch(ctx, source))
+    batch = {"tgt": to_device(enc, net.device), "tgt_labels": torch.tensor(labels, device=net.device),
+             "is_mixup": is_mixup.to(net.device), "partner": partner.to(net.device),
+             "lam": sample_mixup_lambda_eq11(b, args.mixup_alpha).to(net.device)}
+    batch.update(make_ft_batch(net, source))
     return batch
 
 
@@ -840,42 +670,19 @@ def st_step(model: CoNLSTModel, batch: dict, args: Args) -> tuple[torch.Tensor, 
     return l_sup + args.lambda_u * l_u, {"l_sup": l_sup.detach(), "l_u": l_u.detach()}
 
 
-def make_fixmatch_batch(ctx: "Ctx", pairs: list[tuple[str, str]], source: list[Example]) -> dict:
-    """The plain-FixMatch baseline's batch: weak (original) and strong (masked) views."""
-    enc = tokenize_pairs(ctx.tok, pairs, ctx.prefix, ctx.args.max_length, maskable=True)
-    strong = dict(enc, input_ids=random_token_masking(enc["input_ids"], enc["maskable"], ctx.args.mask_ratio,
-                                                      ctx.tok.mask_token_id))
-    enc.pop("maskable")
-    strong.pop("maskable")
-    return {"weak": to_device(enc, ctx.device), "strong": to_device(strong, ctx.device), **make_ft_batch(ctx, source)}
-
-
-def fixmatch_step(model: CoNLSTModel, batch: dict, args: Args, threshold: float = 0.95) -> tuple[torch.Tensor, dict]:
-    """Plain FixMatch (speed baseline of stage 2): pseudo-labels from the weak view in the same
-    step (no gradient), CE on the strong view where the confidence reaches a fixed threshold."""
-    with torch.no_grad():
-        conf, pl = model(batch["weak"]).float().softmax(1).max(1)
-    l_u = (F.cross_entropy(model(batch["strong"]).float(), pl, reduction="none") * (conf >= threshold)).mean()
-    l_sup = F.cross_entropy(model(batch["src"]).float(), batch["src_labels"])
-    return l_sup + args.lambda_u * l_u, {"l_sup": l_sup.detach(), "l_u": l_u.detach()}
-
-
-# =========================================================================================
-# Prediction, evaluation and the confidence diagnostics
-# =========================================================================================
+# ==== Prediction, evaluation and the confidence diagnostics ================================================
 @torch.no_grad()
-def predict(ctx: "Ctx", pairs: list[tuple[str, str]]) -> torch.Tensor:
+def predict(net: Net, pairs: list[tuple[str, str]], batch_size: int) -> torch.Tensor:
     """Class probabilities [N, C] (eval mode, batches sorted by length), on the CPU."""
-    model = ctx.model
+    model = net.model
     was_training = model.training
     model.eval()
     order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
     out = torch.zeros(len(pairs), NUM_CLASSES)
-    bs = ctx.args.eval_batch_size
-    for s in range(0, len(order), bs):
-        idx = order[s:s + bs]
-        enc = to_device(tokenize_pairs(ctx.tok, [pairs[i] for i in idx], ctx.prefix, ctx.args.max_length), ctx.device)
-        with utils.autocast(ctx.device, ctx.amp_dtype):
+    for s in range(0, len(order), batch_size):
+        idx = order[s:s + batch_size]
+        enc = to_device(tokenize_pairs(net.tok, [pairs[i] for i in idx], net.prefix, net.max_length), net.device)
+        with utils.autocast(net.device, net.amp_dtype):
             logits = model(enc)
         out[idx] = logits.float().softmax(1).cpu()
     model.train(was_training)
@@ -887,20 +694,21 @@ def accuracy(probs: torch.Tensor, examples: list[Example]) -> float:
     return 100.0 * (probs.argmax(1) == gold).float().mean().item()
 
 
-def evaluate(ctx: "Ctx", lang: str | None, en_dev_acc: float | None = None) -> tuple[dict, torch.Tensor | None]:
+def evaluate(net: Net, data: Data, args: Args, lang: str | None,
+             en_dev_acc: float | None = None) -> tuple[dict, torch.Tensor | None]:
     """English-dev accuracy (model selection; `en_dev_acc` when already known) and, for a
     language, its evaluation accuracy. Returns (metrics, the evaluation set's probabilities or None)."""
     out: dict[str, float] = {} if en_dev_acc is None else {"en_dev_acc": en_dev_acc}
     probs = None
     if lang is not None:
-        target = ctx.data.targets[lang]
-        probs = predict(ctx, [(e.text_a, e.text_b) for e in target.eval])
+        target = data.targets[lang]
+        probs = predict(net, [(e.text_a, e.text_b) for e in target.eval], args.eval_batch_size)
         out["acc"] = accuracy(probs, target.eval)
-        if "en_dev_acc" not in out and lang == ctx.args.select_lang and ctx.args.eval_split == ctx.args.select_split:
+        if "en_dev_acc" not in out and lang == args.select_lang and args.eval_split == args.select_split:
             out["en_dev_acc"] = out["acc"]  # the same set
     if "en_dev_acc" not in out:
-        sel = ctx.data.select
-        out["en_dev_acc"] = accuracy(predict(ctx, [(e.text_a, e.text_b) for e in sel]), sel)
+        out["en_dev_acc"] = accuracy(predict(net, [(e.text_a, e.text_b) for e in data.select], args.eval_batch_size),
+                                     data.select)
     return out, probs
 
 
@@ -908,9 +716,9 @@ CONFIDENCE_BINS = {"high": "max q > 0.9", "mid": "0.5 <= max q <= 0.9", "low": "
 
 
 def analysis_only_confidence_bins(probs: torch.Tensor, gold: torch.Tensor, n_hist: int = 20) -> dict:
-    """ANALYSIS ONLY (Table 4, Figure 3): pseudo-label accuracy and counts per confidence bin,
-    and histograms of the confidence of correctly (clean) and wrongly (noisy) pseudo-labeled
-    samples. Reads target gold labels; its output never feeds training or model selection."""
+    """ANALYSIS ONLY (Table 4, Figure 3; the report draws it): pseudo-label accuracy and counts per
+    confidence bin, and histograms of the confidence of correctly (clean) and wrongly (noisy)
+    pseudo-labeled samples. Reads target gold labels; its output never feeds training or model selection."""
     conf, pred = probs.max(dim=1)
     correct = pred == gold
     masks = {"high": conf > 0.9, "low": conf < 0.5}
@@ -928,342 +736,199 @@ def analysis_only_confidence_bins(probs: torch.Tensor, gold: torch.Tensor, n_his
     return out
 
 
-def plot_confidence(path: Path, lang: str, bins: dict[str, dict], analysed_on: str) -> None:
-    """Figure 3 style: clean vs noisy pseudo-labels per confidence, one panel per stage."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    points = [p for p in ("after_stage0", "after_stage1", "after_stage2") if p in bins]
-    if not points:
-        return
-    fig, axes = plt.subplots(1, len(points), figsize=(4 * len(points), 3.2), squeeze=False)
-    for ax, point in zip(axes[0], points):
-        h = bins[point]["hist"]
-        edges = np.array(h["edges"])
-        width = edges[1] - edges[0]
-        ax.bar(edges[:-1], h["clean"], width=width, align="edge", color="tab:blue", label="clean")
-        ax.bar(edges[:-1], h["noisy"], width=width, align="edge", color="tab:orange", bottom=h["clean"], label="noisy")
-        acc = " / ".join("-" if bins[point][k]["acc"] is None else f"{bins[point][k]['acc']:.1f}"
-                         for k in ("high", "mid", "low"))
-        ax.set_title(f"{lang} {point.replace('_', ' ')}\npseudo-label acc high / mid / low: {acc}", fontsize=9)
-        ax.set_xlabel("confidence max q")
-        ax.axvline(0.5, color="gray", lw=0.5)
-        ax.axvline(0.9, color="gray", lw=0.5)
-    axes[0][0].set_ylabel(f"samples ({analysed_on} set)")
-    axes[0][0].legend(fontsize=8)
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png", dpi=110)
-    os.replace(tmp, path)
-    plt.close(fig)
-
-
-# =========================================================================================
-# Run state, checkpoints, and the three stages
-# =========================================================================================
+# ==== Training steps, evaluation records, checkpoints, and the three stages ================================
 @dataclass
-class Data:
-    source: list[Example]
-    select: list[Example]
-    targets: dict[str, TargetData]
+class Progress:
+    """What a checkpoint holds besides the weights and random generators (run.save adds those):
+    the position in the plan, the running stage's own state, the counters and the evaluations."""
 
-
-@dataclass
-class Ctx:
-    """What every stage needs; `target` is the language being trained."""
-
-    args: Args
-    model: CoNLSTModel
-    tok: Any
-    prefix: str
-    device: torch.device
-    amp_dtype: torch.dtype | None
-    scaler: Any
-    data: Data
-    run_dir: Path
-    metrics: utils.MetricsWriter
-    stop: utils.StopFlag
-    stage0_path: Path
+    plan_pos: int = 0
+    item: dict = field(default_factory=dict)  # the running stage's epoch, batch, pseudo-labels, best record, ...
     step: int = 0
     samples: int = 0
     train_s: float = 0.0  # seconds inside training steps (forward, backward, update)
-    wall_before: float = 0.0  # wall seconds of the earlier sessions of a resumed run
-    t_start: float = dataclasses.field(default_factory=time.time)
-    history: list = dataclasses.field(default_factory=list)  # one record per evaluation
-    results: dict = dataclasses.field(default_factory=dict)  # per language: bins, stage-2 statistics
-    target: TargetData | None = None
-    skipped: int = 0  # --skip-nonfinite: steps left out
-    on_stop: Callable[[], None] | None = None  # saves the running stage's state at a Ctrl-C
+    history: list = field(default_factory=list)  # one record per evaluation
+    results: dict = field(default_factory=dict)  # per language: bins, stage-2 statistics
 
 
-def pass_key(*parts: Any) -> int:
-    """A seed for the data order of one pass (stable across processes, so a resumed pass
-    repeats the same order)."""
-    return zlib.crc32("/".join(map(str, parts)).encode())
+def save(run: Run, prog: Progress, opt=None, sched=None) -> None:
+    """checkpoint.pt: everything to continue from this point (the running stage's optimizer and schedule too)."""
+    run.save(optimizer=opt.state_dict() if opt else None, scheduler=sched.state_dict() if sched else None, **vars(prog))
 
 
-def grouped_order(pairs: list, batch_size: int, key: int) -> list[int]:
-    """One pass's data order, in length-grouped batches (length: characters of premise plus
-    hypothesis, a proxy for tokens); a function of `key` only, so a resumed pass repeats it."""
-    lengths = [len(p[0]) + len(p[1] or "") for p in pairs]  # Example or (premise, hypothesis)
-    return text_data.length_grouped_order(lengths, batch_size, torch.Generator().manual_seed(key))
+def check_stop(run: Run, prog: Progress, opt=None, sched=None) -> None:
+    """After each step: on Ctrl-C / SIGTERM, checkpoint here (prog.item says which batch comes
+    next), say how to continue, exit 130."""
+    if run.stopped:
+        save(run, prog, opt, sched)
+        run.interrupt(f"at step {prog.step}")
 
 
-class SourceStream:
-    """Endless shuffled source batches for stages 1 and 2, resumable from (epoch, position)."""
-
-    def __init__(self, examples: list[Example], seed: int, tag: str, state: dict | None = None):
-        self.examples, self.seed, self.tag = examples, seed, tag
-        self.state = dict(state or {"epoch": 0, "pos": 0})
-
-    def next(self, n: int) -> list[Example]:
-        out: list[Example] = []
-        while len(out) < n:
-            order = grouped_order(self.examples, n, pass_key(self.seed, self.tag, self.state["epoch"]))
-            take = order[self.state["pos"]:self.state["pos"] + n - len(out)]
-            out += [self.examples[i] for i in take]
-            self.state["pos"] += len(take)
-            if self.state["pos"] >= len(order):
-                self.state = {"epoch": self.state["epoch"] + 1, "pos": 0}
-        return out
-
-
-def save_weights(path: Path, model: nn.Module, meta: dict) -> None:
-    utils.atomic_torch_save({"model": trainable_state(model), "meta": meta}, path)
-
-
-def load_weights(path: Path, model: nn.Module) -> dict:
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=False)
-    except FileNotFoundError:
-        raise MissingError(f"{path}: not found (a stage hand-off file of this run)") from None
-    load_trainable_state(model, blob["model"], str(path))
-    return blob.get("meta", {})
-
-
-def save_state(ctx: Ctx, plan_pos: int, item: dict, opt=None, sched=None) -> None:
-    """checkpoint.pt: everything to continue from this point (model, optimizer, scheduler, scaler,
-    RNG, global step, position in the plan, the current stage's own state, history)."""
-    utils.save_checkpoint(ctx.run_dir, {
-        "model": trainable_state(ctx.model), "optimizer": opt.state_dict() if opt else None,
-        "scheduler": sched.state_dict() if sched else None, "scaler": ctx.scaler.state_dict(),
-        "rng": utils.rng_state(), "step": ctx.step, "plan_pos": plan_pos, "item": item,
-        "history": ctx.history, "results": ctx.results, "samples": ctx.samples, "train_s": ctx.train_s,
-        "wall_s": ctx.wall_before + time.time() - ctx.t_start, "skipped_nonfinite": ctx.skipped,
-        "metrics_lines": ctx.metrics.lines})
-
-
-def make_optimizer(ctx: Ctx, kind: str, lr: float, weight_decay: float = 0.0):
-    params = [p for p in ctx.model.parameters() if p.requires_grad]
-    if kind == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    return torch.optim.Adam(params, lr=lr)
-
-
-def train_step(ctx: Ctx, opt, sched, step_fn: Callable, batch: dict, n_samples: int, sums: dict) -> float:
+def train_step(run: Run, net: Net, prog: Progress, opt, sched, step_fn: Callable, batch: dict, n_samples: int) -> float:
     """Forward (autocast), loss check, backward, clip, optimizer step; returns the loss."""
     t0 = time.time()
-    with utils.autocast(ctx.device, ctx.amp_dtype):
-        loss, terms = step_fn(ctx.model, batch, ctx.args)
-    finite = utils.check_finite(loss, ctx.step, terms, ctx.args.skip_nonfinite)
+    with utils.autocast(net.device, net.amp_dtype):
+        loss, terms = step_fn(net.model, batch, run.args)
+    finite = run.finite(loss, prog.step, terms)  # --skip-nonfinite: no backward, no update (the schedule moves on)
     if finite:
         opt.zero_grad(set_to_none=True)
-        ctx.scaler.scale(loss).backward()
-        if ctx.args.max_grad_norm > 0:
-            ctx.scaler.unscale_(opt)
-            torch.nn.utils.clip_grad_norm_([p for p in ctx.model.parameters() if p.requires_grad],
-                                           ctx.args.max_grad_norm)
-        ctx.scaler.step(opt)
-        ctx.scaler.update()
-    else:  # --skip-nonfinite: no backward pass, no update (the schedule moves on with the data)
-        ctx.skipped += 1
+        net.scaler.scale(loss).backward()
+        if run.args.max_grad_norm > 0:
+            net.scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(trainable(net.model), run.args.max_grad_norm)
+        net.scaler.step(opt)
+        net.scaler.update()
     if sched is not None:
         sched.step()
-    ctx.step += 1
-    ctx.samples += n_samples
-    ctx.train_s += time.time() - t0
+    prog.step += 1
+    prog.samples += n_samples
+    prog.train_s += time.time() - t0
     value = loss.item()
     if finite:
-        sums["n"] = sums.get("n", 0) + 1
-        for k, v in terms.items():
-            sums[k] = sums.get(k, 0.0) + float(v)
-        sums["loss"] = sums.get("loss", 0.0) + value
+        run.add({**terms, "loss": value})
     return value
 
 
-def record_eval(ctx: Ctx, stage: int, lang: str | None, epoch: float, sums: dict, extra: dict | None = None,
-                en_dev_acc: float | None = None):
-    """Evaluate, write one metrics line, append to the history; returns (record, eval probs)."""
-    res, probs = evaluate(ctx, lang, en_dev_acc)
-    train = {k: v / sums["n"] for k, v in sums.items() if k != "n"} if sums.get("n") else {}
-    rec = {"step": ctx.step, "stage": stage, "lang": lang, "epoch": epoch, **res, **train, **(extra or {})}
-    if ctx.args.skip_nonfinite:
-        rec["skipped_nonfinite"] = ctx.skipped
-    ctx.metrics.write(ctx.step, "eval", epoch=epoch, **{k: v for k, v in rec.items() if k not in ("step", "epoch")})
-    ctx.history.append(rec)
-    sums.clear()
-    tqdm.write(f"[stage {stage}{' ' + lang if lang else ''}] step {ctx.step}  "
+def record_eval(run: Run, net: Net, data: Data, prog: Progress, stage: int, lang: str | None, epoch: float,
+                extra: dict | None = None, en_dev_acc: float | None = None, keep: bool = True):
+    """Evaluate, write one metrics line, append to the history and (keep) track the stage's best
+    English-dev evaluation (ties: the later one) and its weights; returns (record, eval probs)."""
+    res, probs = evaluate(net, data, run.args, lang, en_dev_acc)
+    rec = {"step": prog.step, "stage": stage, "lang": lang, "epoch": epoch, **res, **run.means(), **(extra or {})}
+    run.log(prog.step, "eval", epoch=epoch, **{k: v for k, v in rec.items() if k not in ("step", "epoch")})
+    prog.history.append(rec)
+    tqdm.write(f"[stage {stage}{' ' + lang if lang else ''}] step {prog.step}  "
                + "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items()
                            if k not in ("step", "stage", "lang")))
+    item, best = prog.item, prog.item.get("best")
+    if keep and (run.args.handoff == "last" or best is None or rec["en_dev_acc"] >= best["en_dev_acc"]):
+        item["best"], item["best_probs"] = rec, probs
+        if run.args.handoff == "best":
+            save_trainable(run.dir / "best_in_stage.pt", net.model, {"record": rec})
     return rec, probs
 
 
-def keep_best(ctx: Ctx, item: dict, rec: dict, probs: torch.Tensor | None) -> None:
-    """Track the stage's best English-dev evaluation (ties: the later one) and its weights."""
-    if ctx.args.handoff == "best" and (item.get("best") is None or rec["en_dev_acc"] >= item["best"]["en_dev_acc"]):
-        item["best"] = rec
-        item["best_probs"] = probs
-        save_weights(ctx.run_dir / "best_in_stage.pt", ctx.model, {"record": rec})
-    if ctx.args.handoff == "last":
-        item["best"], item["best_probs"] = rec, probs
-
-
-def finish_stage(ctx: Ctx, item: dict, path: Path | None) -> dict:
-    """Put the hand-off weights (best-English-dev or last) in the model and, unless None, in `path`."""
-    if ctx.args.handoff == "best" and item.get("best") is not None and item["best"]["step"] != ctx.step:
-        load_weights(ctx.run_dir / "best_in_stage.pt", ctx.model)
+def finish_stage(run: Run, net: Net, prog: Progress, path: Path | None) -> dict:
+    """Every stage hands on its best-English-dev weights (--handoff last: its last ones): put them
+    in the model and, unless None, in `path`."""
+    args, best = run.args, prog.item.get("best")
+    if args.handoff == "best" and best is not None and best["step"] != prog.step:
+        load_trainable(run.dir / "best_in_stage.pt", net.model, HANDOFF)
     if path is not None:
-            save_weights(path, ctx.model, {"record": item.get("best"), "model": ctx.args.model,
-                                       "pooling": ctx.model.pooling, "prefix": ctx.prefix, "seed": ctx.args.seed,
-                                       "con_dim": ctx.args.con_dim})
-    return item.get("best") or {}
+        save_trainable(path, net.model, {"record": best, "model": args.model, "pooling": net.model.pooling,
+                                         "prefix": net.prefix, "seed": args.seed, "con_dim": args.con_dim})
+    return best or {}
 
 
-def check_stop(ctx: Ctx) -> None:
-    """After each step: on Ctrl-C / SIGTERM, checkpoint the running stage here (ctx.on_stop; its
-    state says which batch comes next), say how to continue, exit 130."""
-    if ctx.stop:
-        if ctx.on_stop is not None:
-            ctx.on_stop()
-        print(f"\ninterrupted at step {ctx.step}; checkpoint saved. "
-              f"Resume with: python conlst.py --resume {ctx.run_dir}", flush=True)
-        sys.exit(utils.EXIT_INTERRUPTED)
+def diagnose(run: Run, net: Net, data: Data, prog: Progress, lang: str, point: str, eval_probs: torch.Tensor | None):
+    """Confidence bins of the current model at `point`: on the pool when its gold labels exist,
+    else on the evaluation set (whose probabilities the last evaluation computed)."""
+    res, target = prog.results.setdefault(lang, {}), data.targets[lang]
+    gold = load_pool_gold_labels_for_analysis_only(run.args, lang)
+    if gold is not None:
+        probs, on = predict(net, target.pool, run.args.eval_batch_size), "pool"
+    else:
+        probs = eval_probs if eval_probs is not None else predict(net, [(e.text_a, e.text_b) for e in target.eval],
+                                                                  run.args.eval_batch_size)
+        gold, on = torch.tensor([e.label for e in target.eval]), "eval"
+    res.setdefault("bins", {})[point] = analysis_only_confidence_bins(probs, gold)
+    res["bins_on"] = on
 
 
-# ---- stage 0: English fine-tuning ------------------------------------------------------------
-def run_stage0(ctx: Ctx, plan_pos: int, item: dict, ckpt: dict | None) -> None:
-    args, source = ctx.args, ctx.data.source
+# ---- stage 0: English fine-tuning (ours: AdamW, linear warm-up then decay, best English-dev epoch) ----------
+def stage0(run: Run, net: Net, data: Data, prog: Progress, resumed: dict, path: Path) -> None:
+    args, source, item = run.args, data.source, prog.item
     bs = args.s0_batch_size
     n_batches = math.ceil(len(source) / bs)
     per_epoch = min(n_batches, args.max_steps or n_batches)
     total = per_epoch * args.s0_epochs
-    warm = int(args.s0_warmup * total)
-    opt = make_optimizer(ctx, "adamw", args.s0_lr, args.s0_weight_decay)
-    sched = get_linear_schedule_with_warmup(opt, warm, total)  # linear warm-up from 0, then linear decay to 0
-    if ckpt is not None and ckpt.get("optimizer"):
-        opt.load_state_dict(ckpt["optimizer"])
-        sched.load_state_dict(ckpt["scheduler"])
-    ctx.model.train()
-    sums = item.setdefault("sums", {})
-    ctx.on_stop = lambda: save_state(ctx, plan_pos, item, opt, sched)
+    opt = torch.optim.AdamW(trainable(net.model), lr=args.s0_lr, weight_decay=args.s0_weight_decay)
+    sched = get_linear_schedule_with_warmup(opt, int(args.s0_warmup * total), total)  # from 0 up, then down to 0
+    if resumed.get("optimizer"):
+        opt.load_state_dict(resumed["optimizer"])
+        sched.load_state_dict(resumed["scheduler"])
+    net.model.train()
     for epoch in range(item.get("epoch", 0), args.s0_epochs):
         order = grouped_order(source, bs, pass_key(args.seed, "s0", epoch))
         bar = tqdm(range(item.get("batch", 0), per_epoch), desc=f"stage 0 epoch {epoch + 1}/{args.s0_epochs}",
                    leave=False, disable=None)
         for b in bar:
             ex = [source[i] for i in order[b * bs:(b + 1) * bs]]
-            loss = train_step(ctx, opt, sched, ft_step, make_ft_batch(ctx, ex), len(ex), sums)
+            loss = train_step(run, net, prog, opt, sched, ft_step, make_ft_batch(net, ex), len(ex))
             bar.set_postfix(loss=f"{loss:.3f}")
             item["batch"] = b + 1
             if args.s0_eval_every and item["batch"] % args.s0_eval_every == 0 and item["batch"] < per_epoch:
-                rec, probs = record_eval(ctx, 0, None, epoch + item["batch"] / per_epoch, sums,
-                                         {"lr": sched.get_last_lr()[0]})
-                keep_best(ctx, item, rec, probs)
-                save_state(ctx, plan_pos, item, opt, sched)
-            check_stop(ctx)
+                record_eval(run, net, data, prog, 0, None, epoch + item["batch"] / per_epoch,
+                            {"lr": sched.get_last_lr()[0]})
+                save(run, prog, opt, sched)
+            check_stop(run, prog, opt, sched)
         item["epoch"], item["batch"] = epoch + 1, 0
-        rec, probs = record_eval(ctx, 0, None, epoch + 1, sums, {"lr": sched.get_last_lr()[0]})
-        keep_best(ctx, item, rec, probs)
-        save_state(ctx, plan_pos, item, opt, sched)
-    best = finish_stage(ctx, item, ctx.stage0_path)
-    print(f"stage 0 done: English dev {best.get('en_dev_acc', float('nan')):.2f} (step {best.get('step')})"
-          f" -> {ctx.stage0_path}")
+        record_eval(run, net, data, prog, 0, None, epoch + 1, {"lr": sched.get_last_lr()[0]})
+        save(run, prog, opt, sched)
+    best = finish_stage(run, net, prog, path)
+    print(f"stage 0 done: English dev {best.get('en_dev_acc', float('nan')):.2f} (step {best.get('step')}) -> {path}")
 
 
-# ---- the zero-shot evaluation of a language (stage-0 model) ----------------------------------
-def run_zero_shot(ctx: Ctx, lang: str) -> None:
-    meta = load_weights(ctx.stage0_path, ctx.model)
+def zero_shot(run: Run, net: Net, data: Data, prog: Progress, lang: str, stage0_path: Path) -> None:
+    """The stage-0 model on a target language (the zero-shot baseline, and Table 4's 'before')."""
+    meta = load_trainable(stage0_path, net.model, HANDOFF)
     known = (meta.get("record") or {}).get("en_dev_acc")  # stage 0's own English-dev result
-    rec, probs = record_eval(ctx, 0, lang, 0, {}, en_dev_acc=known)
-    diagnose(ctx, lang, "after_stage0", probs)
+    _, probs = record_eval(run, net, data, prog, 0, lang, 0, en_dev_acc=known, keep=False)
+    diagnose(run, net, data, prog, lang, "after_stage0", probs)
 
 
-def diagnose(ctx: Ctx, lang: str, point: str, eval_probs: torch.Tensor | None) -> None:
-    """Confidence bins of the current model at `point`: on the pool when its gold labels exist,
-    else on the evaluation set (whose probabilities the last evaluation computed)."""
-    res = ctx.results.setdefault(lang, {})
-    gold = load_pool_gold_labels_for_analysis_only(ctx.args, lang)
-    if gold is not None:
-        probs, on = predict(ctx, ctx.data.targets[lang].pool), "pool"
-    else:
-        target = ctx.data.targets[lang]
-        probs = eval_probs if eval_probs is not None else predict(ctx, [(e.text_a, e.text_b) for e in target.eval])
-        gold, on = torch.tensor([e.label for e in target.eval]), "eval"
-    res.setdefault("bins", {})[point] = analysis_only_confidence_bins(probs, gold)
-    res["bins_on"] = on
-    plot_confidence(ctx.run_dir / f"confidence_{lang}.png", lang, res["bins"], on)
-
-
-# ---- stage 1: contrastive negative learning ---------------------------------------------------
-def run_stage1(ctx: Ctx, plan_pos: int, lang: str, item: dict, ckpt: dict | None) -> None:
-    args, pool = ctx.args, ctx.target.pool
+# ---- stage 1: contrastive negative learning (Eq. 4-8) --------------------------------------------------------
+def stage1_conl(run: Run, net: Net, data: Data, prog: Progress, lang: str, resumed: dict, stage0_path: Path) -> None:
+    args, item, pool = run.args, prog.item, data.targets[lang].pool
     if "probs" not in item:  # fresh start: the stage-0 model's pseudo-labels, fixed for the stage
-        load_weights(ctx.stage0_path, ctx.model)
-        item["probs"] = predict(ctx, pool)
+        load_trainable(stage0_path, net.model, HANDOFF)
+        item["probs"] = predict(net, pool, args.eval_batch_size)
     probs = item["probs"]
     hc_idx, hc_label = high_confidence_pool_eq5(probs, args.gamma)
     stats = {"pool": len(pool), "high_conf": int(len(hc_idx)),
              "high_conf_per_class": torch.bincount(hc_label, minlength=NUM_CLASSES).tolist()}
-    ctx.results.setdefault(lang, {})["stage1_pool"] = stats
-    opt = make_optimizer(ctx, "adam", args.s1_lr)
-    if ckpt is not None and ckpt.get("optimizer"):
-        opt.load_state_dict(ckpt["optimizer"])
-    src = SourceStream(ctx.data.source, args.seed, f"s1-{lang}", item.get("src"))
+    prog.results.setdefault(lang, {})["stage1_pool"] = stats
+    opt = torch.optim.Adam(trainable(net.model), lr=args.s1_lr)
+    if resumed.get("optimizer"):
+        opt.load_state_dict(resumed["optimizer"])
+    src = SourceStream(data.source, args.seed, f"s1-{lang}", item.get("src"))
     bs = args.s1_batch_size
     n_batches = math.ceil(len(pool) / bs)
     per_epoch = min(n_batches, args.max_steps or n_batches)
-    ctx.model.train()
-    sums = item.setdefault("sums", {})
-    ctx.on_stop = lambda: save_state(ctx, plan_pos, item, opt)
-    use_source = not args.wo_clcs
+    net.model.train()
     for epoch in range(item.get("epoch", 0), args.s1_epochs):
         order = grouped_order(pool, bs, pass_key(args.seed, "s1", lang, epoch))
         bar = tqdm(range(item.get("batch", 0), per_epoch), desc=f"stage 1 {lang} epoch {epoch + 1}/{args.s1_epochs}",
                    leave=False, disable=None)
         for b in bar:
             anchors = torch.tensor(order[b * bs:(b + 1) * bs])
-            comp = complementary_labels_eq4(probs[anchors], args.gamma, args.comp_label)
-            if args.wo_cl:
-                neg_idx = torch.zeros(len(anchors), 0, dtype=torch.long)  # no negatives needed
-                neg_valid = torch.zeros(len(anchors), 0, dtype=torch.bool)
-            else:
+            comp = complementary_labels_eq4(probs[anchors], args.gamma, args.comp_label)  # Eq. 4
+            if args.wo_cl:  # no negatives needed
+                neg_idx, neg_valid = torch.zeros(len(anchors), 0, dtype=torch.long), torch.zeros(len(anchors), 0).bool()
+            else:  # Eq. 5
                 neg_idx, neg_valid = sample_negatives_eq5(comp, hc_idx, hc_label, args.k_neg, args.neg_sharing)
-            source = src.next(args.s1_source_batch_size) if use_source else []
-            batch = make_conl_batch(ctx, [pool[i] for i in anchors.tolist()], comp, neg_idx, neg_valid, source)
-            loss = train_step(ctx, opt, None, conl_step, batch, len(anchors) + len(source), sums)
+            source = [] if args.wo_clcs else src.next(args.s1_source_batch_size)  # Eq. 7's source batch
+            batch = make_conl_batch(net, pool, [pool[i] for i in anchors.tolist()], comp, neg_idx, neg_valid, source)
+            loss = train_step(run, net, prog, opt, None, conl_step, batch, len(anchors) + len(source))  # Eq. 6-8
             bar.set_postfix(loss=f"{loss:.3f}")
             item["batch"], item["src"] = b + 1, src.state
             if args.s1_eval_every and item["batch"] % args.s1_eval_every == 0 and item["batch"] < per_epoch:
-                rec, eprobs = record_eval(ctx, 1, lang, epoch + item["batch"] / per_epoch, sums)
-                keep_best(ctx, item, rec, eprobs)
-                save_state(ctx, plan_pos, item, opt)
-            check_stop(ctx)
+                record_eval(run, net, data, prog, 1, lang, epoch + item["batch"] / per_epoch)
+                save(run, prog, opt)
+            check_stop(run, prog, opt)
         item["epoch"], item["batch"] = epoch + 1, 0
-        rec, eprobs = record_eval(ctx, 1, lang, epoch + 1, sums, {"high_conf": stats["high_conf"]})
-        keep_best(ctx, item, rec, eprobs)
-        save_state(ctx, plan_pos, item, opt)
-    finish_stage(ctx, item, ctx.run_dir / f"stage1_{lang}.pt")
-    diagnose(ctx, lang, "after_stage1", item.get("best_probs"))
+        record_eval(run, net, data, prog, 1, lang, epoch + 1, {"high_conf": stats["high_conf"]})
+        save(run, prog, opt)
+    finish_stage(run, net, prog, run.dir / f"stage1_{lang}.pt")
+    diagnose(run, net, data, prog, lang, "after_stage1", item.get("best_probs"))
 
 
-# ---- stage 2: self-training ------------------------------------------------------------------
-def plan_iteration(ctx: Ctx, lang: str, item: dict) -> dict:
-    """Pseudo-label the pool with the current model, update FlexMatch's memory, select with the
-    class-wise thresholds, and give each selected sample one strong augmentation."""
-    args, target = ctx.args, ctx.target
-    probs = predict(ctx, target.pool)
+# ---- stage 2: self-training (FlexMatch selection, strong views, Eq. 9-14) ---------------------------------------
+def plan_iteration(args: Args, net: Net, target: TargetData, item: dict) -> dict:
+    """Pseudo-label the pool with the current model (eval mode, hard labels: Eq. 14's text), update
+    FlexMatch's memory, select with the class-wise thresholds, and give each selected sample one
+    strong view drawn uniformly among those enabled (back-translation only where one exists)."""
+    probs = predict(net, target.pool, args.eval_batch_size)
     conf, pred = probs.max(1)
     item["memory"] = flexmatch_update_memory(item["memory"], conf, pred, args.flex_threshold)
     thr = flexmatch_thresholds(item["memory"], NUM_CLASSES, args.flex_threshold, args.flex_warmup, args.flex_mapping)
@@ -1283,103 +948,53 @@ def plan_iteration(ctx: Ctx, lang: str, item: dict) -> dict:
     return {"selected": selected.tolist(), "labels": pred[selected].tolist(), "kinds": choice, "stats": stats}
 
 
-def run_stage2(ctx: Ctx, plan_pos: int, lang: str, item: dict, ckpt: dict | None) -> None:
-    args, pool = ctx.args, ctx.target.pool
+def stage2_self_training(run: Run, net: Net, data: Data, prog: Progress, lang: str, resumed: dict,
+                         start: Path) -> None:
+    args, item, target = run.args, prog.item, data.targets[lang]
+    pool = target.pool
     if "memory" not in item:  # fresh start from stage 1's hand-off (or stage 0's with --wo-conl)
-        load_weights(ctx.stage0_path if args.wo_conl else ctx.run_dir / f"stage1_{lang}.pt", ctx.model)
+        load_trainable(start, net.model, HANDOFF)
         item["memory"] = torch.full((len(pool),), -1, dtype=torch.long)
-    opt = make_optimizer(ctx, "adam", args.s2_lr)
-    if ckpt is not None and ckpt.get("optimizer"):
-        opt.load_state_dict(ckpt["optimizer"])
-    src = SourceStream(ctx.data.source, args.seed, f"s2-{lang}", item.get("src"))
+    opt = torch.optim.Adam(trainable(net.model), lr=args.s2_lr)
+    if resumed.get("optimizer"):
+        opt.load_state_dict(resumed["optimizer"])
+    src = SourceStream(data.source, args.seed, f"s2-{lang}", item.get("src"))
     bs = args.s2_batch_size
-    ctx.model.train()
-    sums = item.setdefault("sums", {})
-    ctx.on_stop = lambda: save_state(ctx, plan_pos, item, opt)
-    iters = ctx.results.setdefault(lang, {}).setdefault("stage2_iterations", [])
+    net.model.train()
+    iters = prog.results.setdefault(lang, {}).setdefault("stage2_iterations", [])
     for it in range(item.get("iter", 0), args.s2_iterations):
         if item.get("plan") is None:
-            item["plan"] = plan_iteration(ctx, lang, item)
+            item["plan"] = plan_iteration(args, net, target, item)
             iters.append({"iteration": it + 1, **item["plan"]["stats"]})
             tqdm.write(f"[stage 2 {lang}] iteration {it + 1}: {item['plan']['stats']}")
         plan = item["plan"]
-        n = len(plan["selected"])
         order = grouped_order([pool[r] for r in plan["selected"]], bs, pass_key(args.seed, "s2", lang, it))
-        n_batches = math.ceil(n / bs)
+        n_batches = math.ceil(len(plan["selected"]) / bs)
         per_iter = min(n_batches, args.max_steps or n_batches)
-        bar = tqdm(range(item.get("batch", 0), per_iter), desc=f"stage 2 {lang} iteration {it + 1}/{args.s2_iterations}",
-                   leave=False, disable=None)
+        bar = tqdm(range(item.get("batch", 0), per_iter), leave=False, disable=None,
+                   desc=f"stage 2 {lang} iteration {it + 1}/{args.s2_iterations}")
         for b in bar:
-            rows_ = order[b * bs:(b + 1) * bs]
-            pairs = [pool[plan["selected"][r]] for r in rows_]
+            sel = order[b * bs:(b + 1) * bs]
+            pairs = [pool[plan["selected"][r]] for r in sel]
             source = src.next(args.s2_source_batch_size)
-            batch = make_st_batch(ctx, pairs, [plan["kinds"][r] for r in rows_], [plan["labels"][r] for r in rows_], source)
-            loss = train_step(ctx, opt, None, st_step, batch, len(pairs) + len(source), sums)
+            batch = make_st_batch(net, args, target.bt, pairs, [plan["kinds"][r] for r in sel],
+                                  [plan["labels"][r] for r in sel], source)
+            loss = train_step(run, net, prog, opt, None, st_step, batch, len(pairs) + len(source))  # Eq. 12-14
             bar.set_postfix(loss=f"{loss:.3f}")
             item["batch"], item["src"] = b + 1, src.state
-            check_stop(ctx)
+            check_stop(run, prog, opt)
         item["iter"], item["batch"], item["plan"] = it + 1, 0, None
-        rec, eprobs = record_eval(ctx, 2, lang, it + 1, sums, {"n_selected": plan["stats"]["n_selected"]})
-        keep_best(ctx, item, rec, eprobs)
-        save_state(ctx, plan_pos, item, opt)
-    finish_stage(ctx, item, ctx.run_dir / f"stage2_{lang}.pt" if args.keep_models else None)
-    diagnose(ctx, lang, "after_stage2", item.get("best_probs"))
+        record_eval(run, net, data, prog, 2, lang, it + 1, {"n_selected": plan["stats"]["n_selected"]})
+        save(run, prog, opt)
+    finish_stage(run, net, prog, run.dir / f"stage2_{lang}.pt" if args.keep_models else None)
+    diagnose(run, net, data, prog, lang, "after_stage2", item.get("best_probs"))
 
 
-# =========================================================================================
-# Loading everything (before the run directory exists), the summary, main
-# =========================================================================================
-def load_data(args: Args, langs: list[str], record: dict | None = None) -> Data:
-    """Every data set of the run; `record` receives the subsets (saved as data_subsets.json)."""
-    source = load_source(args, record)
-    select = load_eval_set(args, args.select_lang, args.select_split, record, "select")
-    targets = {}
-    for lang in langs:
-        targets[lang] = TargetData(lang, load_pool(args, lang, record),
-                                   load_eval_set(args, lang, args.eval_split, record))
-    return Data(source, select, targets)
-
-
-def check_sizes(args: Args, data: Data) -> None:
-    """Batch sizes and K against the data the stages that run will see (one line naming the flag)."""
-    n_src = len(data.source)
-    n_pool = min(len(t.pool) for t in data.targets.values())
-    checks = [] if args.stage0_from else [("s0_batch_size", n_src, "labeled source pairs")]
-    if 1 in stages_of(args):
-        checks += [("s1_batch_size", n_pool, "pairs of the unlabeled pool")]
-        checks += [] if args.wo_clcs else [("s1_source_batch_size", n_src, "labeled source pairs")]
-    if 2 in stages_of(args):
-        checks += [("s2_batch_size", n_pool, "pairs of the unlabeled pool"),
-                   ("s2_source_batch_size", n_src, "labeled source pairs")]
-    for name, n, what in checks:
-        if getattr(args, name) > n:
-            raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)}: larger than the {n} {what}")
-    if 1 in stages_of(args) and not args.wo_cl and args.k_neg > n_pool - 1:
-        raise UsageError(f"--k-neg {args.k_neg}: an anchor's negatives are other pairs of the unlabeled pool, "
-                         f"which has {n_pool}; at most {n_pool - 1} are possible")
-
-
-def load_stage0_file(args: Args, pooling: str, prefix: str) -> Path:
-    """The stage-0 weights to reuse: a run directory holding stage0.pt, or the file."""
-    path = Path(args.stage0_from)
-    if path.is_dir():
-        path = path / "stage0.pt"
-    if not path.is_file():
-        raise MissingError(f"--stage0-from {args.stage0_from}: no stage0.pt there (train stage 0 once with this "
-                           "script; its run directory holds stage0.pt)")
-    meta = torch.load(path, map_location="cpu", weights_only=False).get("meta", {})
-    for key, mine in (("model", args.model), ("con_dim", args.con_dim), ("pooling", pooling), ("prefix", prefix)):
-        if meta.get(key) != mine:
-            raise UsageError(f"--stage0-from {args.stage0_from}: trained with {key} {meta.get(key)}, this run uses {mine}")
-    if meta.get("seed") != args.seed:
-        print(f"note: --stage0-from was trained with seed {meta.get('seed')}, this run uses seed {args.seed}")
-    return path
-
-
-def language_summary(ctx: Ctx, lang: str) -> dict:
+# ==== The summary, main ====================================================================================
+def language_summary(args: Args, prog: Progress, lang: str) -> dict:
     """Per language: the zero-shot (stage-0) result, each stage's hand-off evaluation, the final
     (last) evaluation, and 'best' = the best-English-dev evaluation of the last stage run."""
-    recs = [r for r in ctx.history if r["lang"] == lang]
+    recs = [r for r in prog.history if r["lang"] == lang]
     if not recs:
         return {}
     keep = ("acc", "en_dev_acc", "step")
@@ -1388,44 +1003,41 @@ def language_summary(ctx: Ctx, lang: str) -> dict:
     for s in (1, 2):
         in_stage = [r for r in recs if r["stage"] == s]
         if in_stage:
-            pick = max(in_stage, key=lambda r: (r["en_dev_acc"], r["step"])) if ctx.args.handoff == "best" else in_stage[-1]
+            pick = max(in_stage, key=lambda r: (r["en_dev_acc"], r["step"])) if args.handoff == "best" else in_stage[-1]
             out[f"stage{s}"] = {k: pick[k] for k in keep}
     final_stage = [r for r in recs if r["stage"] == last_stage]
     out["final"] = {k: recs[-1][k] for k in keep}
     out["best"] = {k: max(final_stage, key=lambda r: (r["en_dev_acc"], r["step"]))[k] for k in keep}
-    out.update(ctx.results.get(lang, {}))
+    out.update(prog.results.get(lang, {}))
     return out
 
 
-def build_summary(ctx: Ctx, langs: list[str], wall: float) -> dict:
-    args = ctx.args
-    per_lang = {lang: language_summary(ctx, lang) for lang in langs}
+def build_summary(args: Args, data: Data, prog: Progress, langs: list[str], stage0_path: Path) -> dict:
+    per_lang = {lang: language_summary(args, prog, lang) for lang in langs}
     done = [lang for lang in langs if per_lang[lang]]
 
     def mean_of(key: str, metric: str = "acc") -> float | None:
         vals = [per_lang[lang][key][metric] for lang in done if key in per_lang[lang]]
         return float(np.mean(vals)) if vals and len(vals) == len(done) else None
 
-    s0 = [r for r in ctx.history if r["stage"] == 0 and r["lang"] is None]
+    s0 = [r for r in prog.history if r["stage"] == 0 and r["lang"] is None]
     return {
         "script": "conlst.py", "method": method_name(args), "dataset": "xnli",
         "setting": f"{args.source_task}->{'+'.join(langs) if len(langs) < len(XNLI_LANGS) else 'all'}",
         "seed": args.seed, "primary_metric": "acc", "model": args.model, "langs": langs,
-        "protocol": {"source": f"{args.source_task} {'+'.join(args.source_splits)} ({len(ctx.data.source)} pairs)",
+        "protocol": {"source": f"{args.source_task} {'+'.join(args.source_splits)} ({len(data.source)} pairs)",
                      "pool": f"xnli {args.pool_split} (labels dropped)", "eval": f"xnli {args.eval_split}",
-                     "select": f"xnli-{args.select_lang} {args.select_split} ({len(ctx.data.select)} pairs)",
+                     "select": f"xnli-{args.select_lang} {args.select_split} ({len(data.select)} pairs)",
                      "back_translation": args.bt if bt_enabled(args) else "off"},
-        "final": {"acc": mean_of("final"), "en_dev_acc": mean_of("final", "en_dev_acc"), "step": ctx.step},
+        "final": {"acc": mean_of("final"), "en_dev_acc": mean_of("final", "en_dev_acc"), "step": prog.step},
         "best": {"acc": mean_of("best"), "en_dev_acc": mean_of("best", "en_dev_acc"),
                  "step": per_lang[done[-1]]["best"]["step"] if done else None,
                  "steps": {lang: per_lang[lang]["best"]["step"] for lang in done}},
         "avg": {k: mean_of(k) for k in ("stage0", "stage1", "stage2", "final", "best")},
         "per_lang": per_lang,
-        "stage0": {"path": str(ctx.stage0_path), "evals": [{k: r[k] for k in ("step", "epoch", "en_dev_acc")} for r in s0]},
-        "steps": ctx.step, "wall_s": round(wall, 2),
-        "samples_per_s": round(ctx.samples / max(ctx.train_s, 1e-9), 2),
-        "skipped_nonfinite_steps": ctx.skipped,
-    }
+        "stage0": {"path": str(stage0_path), "evals": [{k: r[k] for k in ("step", "epoch", "en_dev_acc")} for r in s0]},
+        "steps": prog.step, "samples_per_s": round(prog.samples / max(prog.train_s, 1e-9), 2),
+    }  # run.finish / run.write_summary add wall_s and skipped_nonfinite_steps
 
 
 CHECKPOINT_KEYS = ("model", "scaler", "rng", "step", "plan_pos", "item", "history", "results", "samples", "train_s",
@@ -1433,17 +1045,8 @@ CHECKPOINT_KEYS = ("model", "scaler", "rng", "step", "plan_pos", "item", "histor
 
 
 def main(args: Args) -> dict:
-    validate(args)
-    ckpt = None
-    if args.resume:  # continue a run: its own arguments, its directory, its last checkpoint (None: start over)
-        # the run's own arguments; only the step limit may change, when given with --resume (as in lacol.py)
-        given = {"max_steps": args.max_steps} if "max_steps" in utils.flags_given(args) else {}
-        args, ckpt = utils.resume_run(Args, args.resume, {"resume": args.resume, **given})
-        validate(args)
-        if ckpt is not None:
-            utils.require_keys(ckpt, CHECKPOINT_KEYS, args.resume)
-    else:
-        utils.check_out_dir(args.out_dir)
+    run = Run("conlst.py", Args, args, validate, keys=CHECKPOINT_KEYS)  # only --max-steps may change on --resume
+    args = run.args
     device = utils.resolve_device(args.device)
     amp_dtype, use_scaler = utils.resolve_precision(args.precision, device)
     utils.seed_everything(args.seed, args.deterministic)
@@ -1453,165 +1056,65 @@ def main(args: Args) -> dict:
     data_record: dict = {}
     data = load_data(args, langs, data_record)
     check_sizes(args, data)
-    tiny_texts = [s for e in data.source for s in (e.text_a, e.text_b)] + \
-        [s for t in data.targets.values() for p in t.pool for s in p]
-    model, tok, prefix = build_model(args, tiny_texts)
+    model, tok, prefix = build_model(args, [s for e in data.source for s in (e.text_a, e.text_b)]
+                                     + [s for t in data.targets.values() for p in t.pool for s in p])
     model.to(device)
     if bt_enabled(args):
         for lang in langs:
-            data.targets[lang].bt = load_backtranslations(args, lang, data.targets[lang].pool, device)
+            data.targets[lang].bt = load_backtranslations(args, lang, data.targets[lang].pool)
     stage0_file = load_stage0_file(args, model.pooling, prefix) if args.stage0_from else None
+    net = Net(model, tok, prefix, args.max_length, device, amp_dtype, torch.amp.GradScaler(device.type,
+                                                                                            enabled=use_scaler))
 
-    if args.resume:
-        run_dir = Path(args.resume)
-    else:
-        setting = f"{args.source_task}-{'+'.join(langs) if len(langs) < len(XNLI_LANGS) else 'all'}"
-        name = utils.run_name(method_name(args), "xnli", setting, args.seed, args.exp_name)
-        run_dir = utils.make_run_dir(args.out_dir, name)
-        utils.atomic_write_json(run_dir / "args.json", dataclasses.asdict(args))
-    scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
-    ctx = Ctx(args, model, tok, prefix, device, amp_dtype, scaler, data, run_dir,
-              utils.MetricsWriter(run_dir, args.track), utils.StopFlag(), stage0_file or run_dir / "stage0.pt")
-
-    # The plan: stage 0 (unless reused), then per language: zero-shot evaluation, stage 1, stage 2.
+    # ---- the plan: stage 0 (unless reused), then per language: zero-shot evaluation, stage 1, stage 2
     plan: list[tuple[str, str | None]] = [] if stage0_file else [("s0", None)]
     for lang in langs:
         plan += [("zs", lang)] + [(f"s{s}", lang) for s in stages_of(args)]
-    start, item = 0, {}
-    if ckpt is not None:
-        with utils.restoring(run_dir):
-            load_trainable_state(model, ckpt["model"], f"--resume {run_dir}")
-            scaler.load_state_dict(ckpt["scaler"])
-            utils.set_rng_state(ckpt["rng"])
-        ctx.step, ctx.history, ctx.results = ckpt["step"], ckpt["history"], ckpt["results"]
-        ctx.samples, ctx.train_s, ctx.wall_before = ckpt["samples"], ckpt["train_s"], ckpt["wall_s"]
-        ctx.skipped = ckpt.get("skipped_nonfinite", 0)
-        start, item = ckpt["plan_pos"], ckpt["item"]
-        if not isinstance(start, int) or not 0 <= start <= len(plan):
-            raise MissingError(f"--resume {run_dir}: checkpoint.pt does not fit this run (plan item {start})")
-    else:  # a new run, or one that stopped before its first checkpoint (it starts over)
-        utils.atomic_write_json(run_dir / "data_subsets.json", data_record)
-    if args.resume:
-        ctx.metrics.resume(ckpt, ctx.step)
-        where = plan[start] if start < len(plan) else "done"
-        print(f"resuming {run_dir} at plan item {start} ({where}), step {ctx.step}" if ckpt is not None
-              else f"resuming {run_dir}: it stopped before its first checkpoint, so it starts over")
-    print(f"run: {run_dir}  |  {method_name(args)}  {args.model} ({model.pooling} pooling"
+    ckpt = run.restore(model=TrainableState(model, f"--resume {args.resume}"), scaler=net.scaler)  # {}: a new run
+    prog = Progress(**{f.name: ckpt[f.name] for f in fields(Progress)}) if ckpt else Progress()
+    start = prog.plan_pos
+    if not isinstance(start, int) or not 0 <= start <= len(plan):
+        raise MissingError(f"--resume {args.resume}: checkpoint.pt does not fit this run (plan item {start})")
+    setting = f"{args.source_task}-{'+'.join(langs) if len(langs) < len(XNLI_LANGS) else 'all'}"
+    run.open(utils.run_name(method_name(args), "xnli", setting, args.seed, args.exp_name),
+             files={"data_subsets.json": data_record},
+             resumed_at=f"at plan item {start} ({plan[start] if start < len(plan) else 'done'}), step {prog.step}")
+    stage0_path = stage0_file or run.dir / "stage0.pt"
+    print(f"run: {run.dir}  |  {method_name(args)}  {args.model} ({model.pooling} pooling"
           f"{', prefix ' + repr(prefix) if prefix else ''})  |  source {args.source_task} {len(data.source)}  |  "
           f"langs {' '.join(langs)}  |  back-translation {args.bt if bt_enabled(args) else 'off'}  |  device {device}, "
           f"precision {amp_dtype or 'fp32'}")
 
-    ctx.t_start = time.time()
-    with ctx.stop:
+    with run:
         for pos in range(start, len(plan)):
             kind, lang = plan[pos]
-            ctx.target = data.targets.get(lang) if lang else None
-            resumed = ckpt if (ckpt is not None and pos == start and item) else None
-            if kind == "s0":
-                run_stage0(ctx, pos, item, resumed)
-            elif kind == "zs":
-                run_zero_shot(ctx, lang)
-            elif kind == "s1":
-                run_stage1(ctx, pos, lang, item, resumed)
-            else:
-                run_stage2(ctx, pos, lang, item, resumed)
-            item = {}
-            ctx.on_stop = None  # the checkpoint below is the one to resume from
-            save_state(ctx, pos + 1, item)
+            resumed = ckpt if pos == start and prog.item else {}  # continue the stage the checkpoint is in
+            prog.plan_pos = pos
+            if kind == "s0":  # stage 0: English fine-tuning
+                stage0(run, net, data, prog, resumed, stage0_path)
+            elif kind == "zs":  # the stage-0 model on the target language
+                zero_shot(run, net, data, prog, lang, stage0_path)
+            elif kind == "s1":  # stage 1: CoNL
+                stage1_conl(run, net, data, prog, lang, resumed, stage0_path)
+            else:  # stage 2: self-training, from stage 1's hand-off (stage 0's with --wo-conl)
+                stage2_self_training(run, net, data, prog, lang, resumed,
+                                     stage0_path if args.wo_conl else run.dir / f"stage1_{lang}.pt")
+            prog.plan_pos, prog.item = pos + 1, {}
+            save(run, prog)  # the checkpoint to resume from
             if kind == "s2" and not args.keep_models:  # stage 1's hand-off is no longer needed
-                (run_dir / f"stage1_{lang}.pt").unlink(missing_ok=True)
-            utils.write_summary(run_dir, build_summary(ctx, langs, ctx.wall_before + time.time() - ctx.t_start))
-            check_stop(ctx)  # a Ctrl-C during an evaluation-only item
-    ctx.metrics.close()
-    (run_dir / "best_in_stage.pt").unlink(missing_ok=True)
+                (run.dir / f"stage1_{lang}.pt").unlink(missing_ok=True)
+            run.write_summary(build_summary(args, data, prog, langs, stage0_path))
+            check_stop(run, prog)  # a Ctrl-C during an evaluation-only item
+    (run.dir / "best_in_stage.pt").unlink(missing_ok=True)
 
-    wall = ctx.wall_before + time.time() - ctx.t_start
-    summary = utils.write_summary(run_dir, build_summary(ctx, langs, wall))
-    rows_ = [(lang, summary["per_lang"][lang]) for lang in langs]
+    summary = run.finish(build_summary(args, data, prog, langs, stage0_path))
     print("lang   zero-shot  " + "  ".join(f"stage{s}" for s in stages_of(args)) + "   best(en-dev sel.)")
-    for lang, r in rows_:
-        print(f"{lang:5s}  {r['stage0']['acc']:8.2f}  " + "  ".join(f"{r[f'stage{s}']['acc']:6.2f}" for s in stages_of(args))
-              + f"   {r['best']['acc']:6.2f}")
-    print(f"done: average best {summary['best']['acc']:.2f}  ->  {run_dir}/summary.json")
+    for lang in langs:
+        r = summary["per_lang"][lang]
+        cols = "  ".join(f"{r[f'stage{s}']['acc']:6.2f}" for s in stages_of(args))
+        print(f"{lang:5s}  {r['stage0']['acc']:8.2f}  {cols}   {r['best']['acc']:6.2f}")
+    print(f"done: average best {summary['best']['acc']:.2f}  ->  {run.dir}/summary.json")
     return summary
-
-
-# =========================================================================================
-# Speed: the method's steps against their baselines on the same batches, in one process
-# =========================================================================================
-def speed_steps(args: Args, lang: str | None = None, pick: Callable | None = None) -> dict[str, Callable[[], float]]:
-    """Zero-argument callables, each one full training step (forward, loss, backward, optimizer
-    step with lr 0) on a fixed batch: 'ft' (plain fine-tuning, ft_step) and 'conl' (stage 1,
-    conl_step) share their source pairs; 'fixmatch' (plain FixMatch, fixmatch_step) and 'st'
-    (stage 2, st_step) share their target and source pairs. The model is `args`'s encoder with
-    fresh heads; in the stage-1 batch every anchor has K valid negatives (the costliest case).
-    `pick(items, n)` chooses the rows of each batch (default: the first n, cycling when fewer).
-    Writes nothing. For benchmarks/speed.py and time_steps."""
-    validate(args)
-    device = utils.resolve_device(args.device)
-    amp_dtype, _ = utils.resolve_precision(args.precision, device)
-    utils.seed_everything(args.seed)
-    lang = lang or resolve_langs(args)[0]
-    data = load_data(args, [lang])
-    model, tok, prefix = build_model(args, [s for e in data.source for s in (e.text_a, e.text_b)]
-                                     + [s for p in data.targets[lang].pool for s in p])
-    model.to(device).train()
-    ctx = Ctx(args, model, tok, prefix, device, amp_dtype, None, data, Path("."), None, None,  # type: ignore[arg-type]
-              Path("."))
-    ctx.target = data.targets[lang]
-    pool = ctx.target.pool
-    b1, b2 = args.s1_batch_size, args.s2_batch_size
-    hc_idx = torch.arange(len(pool))
-    hc_label = hc_idx % NUM_CLASSES  # every pool sample confident, classes round-robin: K real negatives each
-    probs = F.one_hot(torch.arange(b1) % NUM_CLASSES, NUM_CLASSES).float()
-    comp = complementary_labels_eq4(probs, args.gamma, args.comp_label)
-    neg_idx, neg_valid = sample_negatives_eq5(comp, hc_idx, hc_label, args.k_neg, args.neg_sharing)
-    pick = pick or (lambda items, n: [i % len(items) for i in range(n)])
-    anchors = [pool[i] for i in pick(pool, b1)]
-    src1 = [data.source[i] for i in pick(data.source, b1)]
-    tgt = [pool[i] for i in pick(pool, b2)]
-    src2 = [data.source[i] for i in pick(data.source, args.s2_source_batch_size)]
-    kinds = [("mask", "mixup")[i % 2] for i in range(b2)]
-    batches = {"ft": (ft_step, make_ft_batch(ctx, src1)),
-               "conl": (conl_step, make_conl_batch(ctx, anchors, comp, neg_idx, neg_valid,
-                                                   [] if args.wo_clcs else src1[:args.s1_source_batch_size])),
-               "fixmatch": (fixmatch_step, make_fixmatch_batch(ctx, tgt, src2)),
-               "st": (st_step, make_st_batch(ctx, tgt, kinds, [i % NUM_CLASSES for i in range(b2)], src2))}
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.0)
-
-    def one_step(fn: Callable, batch: dict) -> Callable[[], float]:
-        def run() -> float:
-            with utils.autocast(device, amp_dtype):
-                loss, _ = fn(model, batch, args)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            return loss.item()
-        return run
-
-    return {name: one_step(fn, batch) for name, (fn, batch) in batches.items()}
-
-
-def time_steps(args: Args, repeats: int = 3, lang: str | None = None) -> dict:
-    """Seconds per step (median over `repeats` interleaved rounds, after one warm-up round) of
-    ft vs conl (stage 1) and fixmatch vs st (stage 2), and the two ratios."""
-    steps = speed_steps(args, lang)
-    cuda = utils.resolve_device(args.device).type == "cuda"
-    times: dict[str, list[float]] = {k: [] for k in steps}
-    for r in range(repeats + 1):
-        for name, run in steps.items():
-            if cuda:
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            run()
-            if cuda:
-                torch.cuda.synchronize()
-            if r:
-                times[name].append(time.perf_counter() - t0)
-    out = {f"{k}_s": float(np.median(v)) for k, v in times.items()}
-    out["conl_over_ft"] = out["conl_s"] / out["ft_s"]
-    out["st_over_fixmatch"] = out["st_s"] / out["fixmatch_s"]
-    return out
 
 
 if __name__ == "__main__":

@@ -5,12 +5,13 @@ Paper: "Noise Is Also Useful: Negative Correlation-Steered Latent Contrastive Le
 
     python lacol.py --preset demo                 # Fashion-MNIST, sym40, a few minutes on CPU
     python lacol.py --preset cpu --method ce      # the CPU-scale reproduction's CE baseline
+    python lacol.py --preset cpu-mem --method ce --holdout 2000   # the regime where CE memorises (issue 28)
     python lacol.py --noise sym40                 # the paper's CIFAR-10 setting (GPU, downloads CIFAR)
     python lacol.py --preset cifar100 --noise asym40 --wo-ms   # one ablation row (Table 4)
 
 Per step (after a plain-CE warm-up, Algorithm 1 line 1), for a batch of samples x_i with
 given (possibly wrong) labels y_i, the network (encoder g, classifier h, projection f) sees
-three views: weak A_w (crop + flip) and two strong A_s, A_s' (crop + flip + RandAugment):
+three views: weak A_w (crop + flip, or none: --weak-aug) and two strong A_s, A_s' (A_w + RandAugment):
 
   Selection (Eq. 3)   high-confidence set: samples whose weak-view prediction equals y_i
                       (recomputed once per epoch over the whole training set, as PES does)
@@ -30,7 +31,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -41,8 +41,9 @@ from tqdm import tqdm
 from common import data as image_data
 from common import noise as label_noise
 from common import utils
+from common.diagnostics import batch_selection_log, selection_log
 from common.models import BACKBONES, build_backbone, channels_last, predict_logits, to_input
-from common.run import Run, RunArgs
+from common.run import Run, RunArgs, epoch_history_summary
 from common.utils import UsageError, arg
 
 
@@ -62,6 +63,11 @@ class Args(RunArgs):
     noise_file: str = arg("", "read the noisy labels from this file instead (.npy, .csv, .txt; e.g. CIFAR-N)")
     noise_column: str = arg("", "column of a CSV --noise-file (CIFAR-N: worse_label, aggre_label, noisy_label...)")
     sym_include_true: bool = arg(True, "symmetric noise may draw the true class (DivideMix convention)")
+    inst_pixels: str = arg("raw", "inst*: raw 0-255 pixel values (PES/CDR code) or unit: /255", choices=["raw", "unit"])
+    cifar100_asym: str = arg("superclass", "CIFAR-100 asym*: next class in its semantic superclass, or block5: next "
+                             "label in its block of 5 consecutive labels (ELR code)", choices=["superclass", "block5"])
+    holdout: int = arg(0, "hold out this many training samples with their *noisy* labels; accuracy on them is "
+                       "logged every epoch (holdout_noisy_acc), to choose the warm-up or stop on", ge=0)
     # -- model
     method: str = arg("lacol", "lacol, or ce: plain cross-entropy on the weak view (baseline)", choices=["lacol", "ce"])
     backbone: str = arg("resnet34", "encoder g", choices=list(BACKBONES))
@@ -76,8 +82,7 @@ class Args(RunArgs):
     weight_decay: float = arg(1e-4, "weight decay")
     milestones: list[int] = arg([100, 150], "epochs at which the learning rate is multiplied by --lr-gamma")
     lr_gamma: float = arg(0.1, "learning-rate decay factor at each milestone", gt=0)
-    warmup_epochs: int = arg(25, "epochs of plain CE on the weak view before the LaCoL losses (Alg. 1, line 1)",
-                              ge=0)
+    warmup_epochs: int = arg(25, "epochs of plain CE on the weak view before the LaCoL losses (Alg. 1, line 1)", ge=0)
     # -- LaCoL
     tau: float = arg(0.2, "temperature of L_MS and W^m", gt=0)
     rho: float = arg(0.8, "threshold on label-space similarity in W^l (Eq. 5)", le=1)
@@ -85,8 +90,7 @@ class Args(RunArgs):
     lambda_sc: float = arg(0.5, "weight of L_SC")
     k_neg: int = arg(15, "negatives per anchor (Eq. 1)")
     selection: str = arg("epoch", "recompute the high-confidence set once per epoch over the training set, or per "
-                         "batch",
-                         choices=["epoch", "batch"])
+                         "batch", choices=["epoch", "batch"])
     class_weight: str = arg("inverse", "Eq. 4 weights: inverse (PES: mean(eps)/eps_k), proportional (literal), none",
                             choices=["inverse", "proportional", "none"])
     label_sim: str = arg("cosine", "similarity of probability vectors in Eq. 5: cosine (paper) or dot (CoMatch)",
@@ -95,9 +99,10 @@ class Args(RunArgs):
     wo_ms: bool = arg(False, "ablation: without L_MS (Table 4)")
     wo_sc: bool = arg(False, "ablation: without L_SC (Table 4)")
     wo_diversity: bool = arg(False, "ablation: select and train L_LS on the same weak view (Table 4)")
+    weak_aug: str = arg("crop_flip", "weak view A_w (and the CE baseline's only view): pad-crop + flip, or none "
+                        "(identity; the strong views are then RandAugment alone)", choices=["crop_flip", "none"])
     randaug_ops: int = arg(2, "RandAugment: operations per strong view (N; not given in the paper)", ge=0)
-    randaug_magnitude: int = arg(9, "RandAugment: magnitude (M, of 31 bins; not given in the paper)",
-                                 ge=0, le=30)
+    randaug_magnitude: int = arg(9, "RandAugment: magnitude (M, of 31 bins; not given in the paper)", ge=0, le=30)
 
 
 PRESETS = {
@@ -111,6 +116,12 @@ PRESETS = {
                     "in fp32, 1.7x less in bf16 (benchmarks/results/parity)",
             "dataset": "fashion_mnist", "backbone": "small_cnn", "epochs": 20, "milestones": [12, 17],
             "warmup_epochs": 4, "lr": 0.05, "weight_decay": 5e-4, "limit_train": 4000, "num_workers": 1},
+    "cpu-mem": {"_doc": "where CE memorises noise (issue 28; cpu does not): no augmentation, no weight decay (both "
+                        "slow memorisation), 20,000 images, a fully connected head (cnn_fc), 40 epochs; CE at sym40 "
+                        "peaked ~85% near epoch 9, ended ~63%. warmup_epochs 10: provisional, to choose on --holdout",
+                "dataset": "fashion_mnist", "backbone": "cnn_fc", "weak_aug": "none", "weight_decay": 0.0,
+                "limit_train": 20000, "epochs": 40, "milestones": [20, 30], "lr": 0.05, "warmup_epochs": 10,
+                "num_workers": 1},
     "demo": {"_doc": "a few minutes on 2 CPU cores: the cpu preset on 5,000 samples for 4 epochs",
              "dataset": "fashion_mnist", "backbone": "small_cnn", "epochs": 4, "milestones": [3],
              "warmup_epochs": 1, "lr": 0.05, "weight_decay": 5e-4, "limit_train": 5000, "limit_eval": 2000,
@@ -128,13 +139,13 @@ def validate(args: Args) -> None:
                          f"--batch-size - 1 = {args.batch_size - 1} are possible")
     if args.method == "lacol" and args.warmup_epochs >= args.epochs:
         raise UsageError(f"--warmup-epochs {args.warmup_epochs}: must be < --epochs {args.epochs}")
-    if args.backbone == "small_cnn" and args.dataset not in ("fashion_mnist",):
-        raise UsageError(f"--backbone small_cnn: is for 28x28 inputs (fashion_mnist), not {args.dataset}")
+    if args.backbone in ("small_cnn", "cnn_fc") and args.dataset not in ("fashion_mnist",):
+        raise UsageError(f"--backbone {args.backbone}: is for 28x28 inputs (fashion_mnist), not {args.dataset}")
 
 
 # ==== Data: uint8 images and noisy labels (common/data.py), the three views made in DataLoader workers
-def make_views(dataset: str, size: int, randaug_ops: int, randaug_magnitude: int):
-    """weak = pad-crop + flip; strong = weak + RandAugment; test = identity (uint8 in, uint8 out)."""
+def make_views(dataset: str, size: int, randaug_ops: int, randaug_magnitude: int, weak_aug: str = "crop_flip"):
+    """weak = pad-crop + flip (none: the test view); strong = weak + RandAugment; test = identity (uint8 in/out)."""
     if dataset == "clothing1m":  # decoded JPEGs of varying size: resize, then crop 224
         base = [v2.Resize(256, antialias=True)]
         weak = v2.Compose(base + [v2.RandomCrop(224), v2.RandomHorizontalFlip()])
@@ -142,19 +153,18 @@ def make_views(dataset: str, size: int, randaug_ops: int, randaug_magnitude: int
     else:
         weak = v2.Compose([v2.RandomCrop(size, padding=4), v2.RandomHorizontalFlip()])
         test = v2.Identity()
+    weak = test if weak_aug == "none" else weak
     strong = v2.Compose([weak, v2.RandAugment(num_ops=randaug_ops, magnitude=randaug_magnitude)])
     return weak, strong, test
 
 
 def make_datasets(args: Args, d: image_data.NoisyData):
-    """The training set (weak, strong, strong' views), the selection set (weak view only) and the test set."""
+    """The training set (weak, strong, strong' views), the selection set (weak view only) and the evaluation
+    sets: {"acc": the clean test set, "holdout_noisy_acc": the held-out samples with their noisy labels}."""
     if args.batch_size > len(d.noisy_y):
         raise UsageError(f"--batch-size {args.batch_size}: larger than the {len(d.noisy_y)} training samples")
     size = 224 if args.dataset == "clothing1m" else d.train_x.shape[-1]
-    weak, strong, test_view = make_views(args.dataset, size, args.randaug_ops, args.randaug_magnitude)
-    return (image_data.NoisyImages(d.train_x, d.noisy_y, (weak, strong)),
-            image_data.NoisyImages(d.train_x, d.noisy_y, (weak, strong), n_views=1),
-            image_data.NoisyImages(d.test_x, d.test_y, test_view=test_view))
+    return d.datasets(*make_views(args.dataset, size, args.randaug_ops, args.randaug_magnitude, args.weak_aug))
 
 
 # ==== Model: encoder g, classification head h, projection head f ==================================
@@ -317,30 +327,20 @@ def evaluate(model: nn.Module, loader: DataLoader, device, amp_dtype) -> dict:
 def epoch_selection(model: nn.Module, loader: DataLoader, given: torch.Tensor, clean: torch.Tensor | None,
                     device, amp_dtype) -> tuple[torch.Tensor, dict]:
     """Algorithm 1, line 4: predictions on weak views of the whole training set -> the high-confidence
-    mask (Eq. 3), indexed by sample; and its log: the share selected and (when the clean labels are
-    known) the share of selected given labels that are right."""
+    mask (Eq. 3), indexed by sample; and its log: the share selected, (when the clean labels are known)
+    the share of selected given labels that are right, and per class (common/diagnostics.py)."""
     logits, y, idx = predict_logits(lambda x: model(x, with_embedding=False)[0], model, loader, device, amp_dtype)
     selected = torch.zeros(len(given), dtype=torch.bool)
     selected[idx] = select_high_confidence_eq3(logits.softmax(1), y)
-    log = {"selected_frac": selected.float().mean().item()}
-    if clean is not None:
-        log["selected_precision"] = (given[selected] == clean[selected]).float().mean().item() if selected.any() else 0.
-    return selected, log
+    return selected, selection_log(selected, given, clean, logits.shape[1])
 
 
 def summarize(args: Args, history: list[float], noise_info: dict, n_train: int, steps: int, samples_per_s: float):
     """summary.json: test accuracy of the last epoch, the best one (an oracle: picked on test), the last 10's mean."""
-    best = int(np.argmax(history)) if history else -1
-    return {
-        "method": args.method + ("_wo_ms" if args.wo_ms else "") + ("_wo_sc" if args.wo_sc else "")
-        + ("_wo_diversity" if args.wo_diversity else ""),
-        "script": "lacol.py", "primary_metric": "acc", "dataset": args.dataset, "setting": noise_info["spec"],
-        "seed": args.seed, "noise": noise_info, "n_train": n_train, "epochs_done": len(history), "steps": steps,
-        "final": {"acc": history[-1] if history else None, "epoch": len(history)},
-        "best": {"acc": history[best] if history else None, "epoch": best + 1},
-        "last10_mean": {"acc": float(np.mean(history[-10:])) if history else None},
-        "samples_per_s": round(samples_per_s, 1),
-    }
+    method = args.method + "".join(f"_{k}" for k in ("wo_ms", "wo_sc", "wo_diversity") if getattr(args, k))
+    return {"method": method, "script": "lacol.py", "primary_metric": "acc", "dataset": args.dataset,
+            "setting": noise_info["spec"], "seed": args.seed, "noise": noise_info, "n_train": n_train, "steps": steps,
+            **epoch_history_summary(history, "acc"), "samples_per_s": round(samples_per_s, 1)}
 
 
 def main(args: Args) -> dict:
@@ -354,9 +354,10 @@ def main(args: Args) -> dict:
 
     # ---- data (before the run directory exists: a failure here writes nothing)
     d = image_data.load_noisy_data(args.dataset, args.data_dir, args.seed, args.noise, args.limit_train,
-                                   args.limit_eval, args.noise_file, args.noise_column, args.sym_include_true)
+                                   args.limit_eval, args.noise_file, args.noise_column, args.sym_include_true,
+                                   args.inst_pixels, args.cifar100_asym, args.holdout)
     clean_y, noisy_y, noise_info, n_train = d.clean_y, d.noisy_y, d.noise_info, len(d.noisy_y)
-    train_ds, select_ds, test_ds = make_datasets(args, d)
+    train_ds, select_ds, eval_sets = make_datasets(args, d)
     known_clean = noise_info.get("realized_rate") is not None  # else (Clothing1M) no selection precision
 
     # ---- model and optimiser
@@ -369,8 +370,7 @@ def main(args: Args) -> dict:
     state = run.restore(model=model, optimizer=opt, scheduler=sched, scaler=scaler)  # {} for a new run
     setting = Path(args.noise_file).stem if args.noise_file else args.noise
     run.open(utils.run_name(args.method, args.dataset, setting, args.seed, args.exp_name),
-             files={"labels.npz": {"subset": d.subset, "clean": clean_y.numpy(), "noisy": noisy_y.numpy(),
-                                   "test_indices": np.arange(len(d.test_y))}},
+             files={"labels.npz": d.label_arrays()},
              resumed_at=f"at epoch {state['epoch']} (step {state['step']})" if state else "")
     start_epoch, step, history = state.get("epoch", 0), state.get("step", 0), state.get("history", [])
     print(f"run: {run.dir}  |  {args.method} on {args.dataset} ({n_train} train, {len(d.test_y)} test), "
@@ -384,14 +384,15 @@ def main(args: Args) -> dict:
         for epoch in range(start_epoch, args.epochs):
             torch.manual_seed(args.seed * 100_003 + epoch)  # negatives sampled this epoch: same after a resume
             lacol_phase = args.method == "lacol" and epoch >= args.warmup_epochs
-            log: dict[str, float] = {}
+            log: dict = {}
             # ---- Algorithm 1, line 4: the high-confidence set of this epoch
             if lacol_phase and args.selection == "epoch":
                 loader = image_data.epoch_loader(select_ds, args.batch_size, False, args.seed, epoch, args.num_workers,
                                                  device)
                 sel, log = epoch_selection(model, loader, noisy_y, clean_y if known_clean else None, device, amp_dtype)
                 weights = class_weights_eq4(noisy_y[sel], d.data.num_classes, args.class_weight).to(device)
-            sel_count = sel_clean = 0
+                log["class_weight"] = weights.tolist()
+            drawn = torch.full((n_train,), -1, dtype=torch.int8)  # --selection batch: 1 selected, 0 not, -1 not drawn
             train_ds.n_views = 3 if lacol_phase else 1  # CE and the warm-up use the weak view only: build no other
             loader = image_data.epoch_loader(train_ds, args.batch_size, True, args.seed, epoch, args.num_workers,
                                              device)
@@ -406,8 +407,7 @@ def main(args: Args) -> dict:
                 else:
                     given_sel = (sel[idx].to(device), weights) if args.selection == "epoch" else (None, None)
                     loss, terms, selected = lacol_step(model, x, y, args, device, amp_dtype, *given_sel)
-                    sel_count += int(selected.sum())
-                    sel_clean += int((selected & (y == clean_y[idx].to(device))).sum()) if known_clean else 0
+                    drawn[idx] = selected.to("cpu", torch.int8)
                 if run.finite(loss, step, terms):  # else (--skip-nonfinite): no backward pass, no update
                     opt.zero_grad(set_to_none=True)
                     scaler.scale(loss).backward()
@@ -423,17 +423,16 @@ def main(args: Args) -> dict:
                 run.interrupt(f"in epoch {epoch + 1} (step {step})", "the checkpoint of the start of this epoch is "
                               "kept, and the run continues from there")
             sched.step()
-            # ---- evaluation on the clean test set, every epoch
-            res = evaluate(model, DataLoader(test_ds, batch_size=512, num_workers=0), device, amp_dtype)
-            n_steps = run.sums.get("n", 0)
+            # ---- evaluation every epoch: the clean test set, and (--holdout) the held-out samples' noisy labels
+            res = {k: evaluate(model, DataLoader(ds, batch_size=512, num_workers=0), device, amp_dtype)["acc"]
+                   for k, ds in eval_sets.items()}
             train_log = run.means()
-            if lacol_phase and args.selection == "batch" and sel_count:  # the batch-wise selections of this epoch
-                log = {"selected_frac": sel_count / max(n_steps * args.batch_size, 1),
-                       **({"selected_precision": sel_clean / sel_count} if known_clean else {})}
+            if lacol_phase and args.selection == "batch":  # the batch-wise selections of this epoch
+                log = batch_selection_log(drawn, noisy_y, clean_y if known_clean else None, d.data.num_classes)
             history.append(res["acc"])
-            run.log(step, "test", epoch=epoch + 1, acc=res["acc"], lr=opt.param_groups[0]["lr"], **train_log, **log)
-            tqdm.write(f"epoch {epoch + 1:3d}  test acc {res['acc']:6.2f}  best {max(history):6.2f}  "
-                       + "  ".join(f"{k} {v:.4f}" for k, v in {**train_log, **log}.items()))
+            run.log(step, "test", epoch=epoch + 1, **res, lr=opt.param_groups[0]["lr"], **train_log, **log)
+            tqdm.write(f"epoch {epoch + 1:3d}  test acc {res['acc']:6.2f}  best {max(history):6.2f}  " + "  ".join(
+                f"{k} {v:.4f}" for k, v in {**res, **train_log, **log}.items() if k != "acc" and type(v) is not list))
             run.save(epoch=epoch + 1, step=step, history=history)
             if args.max_steps and step >= args.max_steps:
                 break

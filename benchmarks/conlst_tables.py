@@ -1,4 +1,5 @@
-"""The README's CoNLST tables from the committed cpu runs (numbers the report does not pool).
+"""The CoNLST tables of docs/conlst.md ("Results and findings") from the committed cpu runs (numbers
+the report does not pool).
 
     python -m benchmarks.conlst_tables [--runs benchmarks/results/cpu/runs]
 
@@ -50,8 +51,10 @@ def main(argv: list[str] | None = None) -> int:
         avg.append(ms([statistics.fmean(cols[lang, c][s] for lang in CONLST_CPU_LANGS) for s in sorted(seeds)]))
     print("| avg | " + " | ".join(avg) + " |\n")
     for lang in CONLST_CPU_LANGS:
-        print(lang, "per seed:", {c: {s: round(v, 1) for s, v in cols[lang, c].items()} for c in names[:3] + names[5:7]})
-    print("\n| target | bin | acc before -> after (pooled over seeds) | pairs per seed before -> after |\n|---|---|---|---|")
+        print(lang, "per seed:", {c: {s: round(v, 1) for s, v in cols[lang, c].items()}
+                                  for c in names[:3] + names[5:7]})
+    print("\n| target | bin | acc before -> after (pooled over seeds) | pairs per seed before -> after |"
+          "\n|---|---|---|---|")
     for lang in CONLST_CPU_LANGS:
         seeds = data.get(f"conlst_cpu_{lang}_full", [])
         for b in ("high", "mid", "low", "all"):

@@ -367,10 +367,11 @@ def check_lacol(cfg: Cfg) -> dict:
     parts = build()
     # Algorithm 1, line 4 (the default --selection epoch) and the test-set evaluation, on the fake images
     weak, strong, test_view = lacol.make_views(a.dataset, size, a.randaug_ops, a.randaug_magnitude)
-    select_ds = lacol.NoisyImages(images, noisy, (weak, strong), n_views=1)
-    sel = lacol.epoch_selection(parts["model"], lacol.make_loader(select_ds, a, False, 0, dev), n, dev, amp)
+    select_ds = image_data.NoisyImages(images, noisy, (weak, strong), n_views=1)
+    loader = image_data.epoch_loader(select_ds, a.batch_size, False, a.seed, 0, a.num_workers, dev)
+    sel, _ = lacol.epoch_selection(parts["model"], loader, noisy, None, dev, amp)
     weights = lacol.class_weights_eq4(noisy[sel], num_classes, a.class_weight).to(dev)
-    eval_ds = lacol.NoisyImages(images, noisy, test_view=test_view)
+    eval_ds = image_data.NoisyImages(images, noisy, test_view=test_view)
     acc = lacol.evaluate(parts["model"], torch.utils.data.DataLoader(eval_ds, batch_size=512), dev, amp)["acc"]
     sel_dev = sel.to(dev)
 
@@ -472,7 +473,7 @@ def check_conlst(cfg: Cfg) -> dict:
     """CoNLST on mBERT (conlst.Args): stage 1 (conl_step) for the first half of the steps, stage 2
     (st_step) for the second half, each through conlst.train_step with its own Adam, as the stages do.
     The model is conlst.CoNLSTModel around an encoder built here (conlst.build_model loads from the
-    hub; its three lines choosing the pooling are repeated)."""
+    hub; its pooling choice, common.text_models.resolve_pooling, is called the same way)."""
     import conlst
 
     dev, amp = cfg.device, cfg.amp_dtype
@@ -488,7 +489,7 @@ def check_conlst(cfg: Cfg) -> dict:
     c = conlst.NUM_CLASSES
 
     # stage 1: anchors from a fake pool whose samples are all confident (classes round-robin), so every
-    # anchor gets K real negatives (the costliest case, as conlst.speed_steps); anchors and unique
+    # anchor gets K real negatives (the costliest case, as benchmarks.speed.conlst_steps); anchors and unique
     # negatives in one padded batch, as make_conl_batch builds it
     pool_size = max(4 * b1, b1 * k + b1)
     pool = fake_text_batch(name, tiny, pool_size, t, gen, pairs=True)
@@ -516,26 +517,30 @@ def check_conlst(cfg: Cfg) -> dict:
               "src_labels": torch.randint(0, c, (b2s,), generator=gen).to(dev)}
 
     def build() -> dict:
+        from common.text_models import resolve_pooling
+
         encoder = make_encoder(name, tiny)
-        pooling = a.pooling if a.pooling != "auto" else ("pooler" if getattr(encoder, "pooler", None) is not None
-                                                          else "mean")
-        model = conlst.CoNLSTModel(encoder, pooling, a.con_dim, a.classifier_dropout)
+        model = conlst.CoNLSTModel(encoder, resolve_pooling(encoder, a.pooling, name), a.con_dim, a.classifier_dropout)
         if a.freeze_embeddings:
             model.encoder.get_input_embeddings().weight.requires_grad_(False)
         model.to(dev).train()
         scaler = torch.amp.GradScaler(dev.type, enabled=cfg.use_scaler)
-        ctx = SimpleNamespace(args=a, model=model, device=dev, amp_dtype=amp, scaler=scaler, step=0, samples=0,
-                              train_s=0.0, skipped=0)
-        return {"model": model, "scaler": scaler, "ctx": ctx,
-                "optimizer_stage1": conlst.make_optimizer(ctx, "adam", a.s1_lr),
-                "optimizer_stage2": conlst.make_optimizer(ctx, "adam", a.s2_lr)}
+        # what conlst.train_step reads of the run (the loss check; no bookkeeping) and of the run's progress
+        run = SimpleNamespace(args=a, finite=lambda loss, step, terms: utils.check_finite(loss, step, terms),
+                              add=lambda terms: None)
+        net = conlst.Net(model, None, "", t, dev, amp, scaler)
+        return {"model": model, "scaler": scaler, "run": run, "net": net, "prog": conlst.Progress(),
+                "optimizer_stage1": torch.optim.Adam(conlst.trainable(model), lr=a.s1_lr),
+                "optimizer_stage2": torch.optim.Adam(conlst.trainable(model), lr=a.s2_lr)}
 
     def step(p: dict, i: int):
-        p["ctx"].step = i
+        p["prog"].step = i
         if i < cfg.steps // 2:
-            loss = conlst.train_step(p["ctx"], p["optimizer_stage1"], None, conlst.conl_step, batch1, b1 + b1s, {})
+            loss = conlst.train_step(p["run"], p["net"], p["prog"], p["optimizer_stage1"], None, conlst.conl_step,
+                                     batch1, b1 + b1s)
             return loss, "conl_step", b1 + b1s
-        loss = conlst.train_step(p["ctx"], p["optimizer_stage2"], None, conlst.st_step, batch2, b2 + b2s, {})
+        loss = conlst.train_step(p["run"], p["net"], p["prog"], p["optimizer_stage2"], None, conlst.st_step, batch2,
+                                 b2 + b2s)
         return loss, "st_step", b2 + b2s
 
     res = exercise(cfg, build, step)
@@ -546,7 +551,7 @@ def check_conlst(cfg: Cfg) -> dict:
 
 def check_msmo(cfg: Cfg) -> dict:
     """MSMO on mBERT (msmo.Args: batch 16, 128 sub-tokens, 16 consistency pairs), msmo.msmo_step with
-    the Wasserstein critic, two-step schedule over --steps. The optimizer set-up of msmo.run_stage
+    the Wasserstein critic, two-step schedule over --steps. The optimizer set-up of msmo.make_stage
     (Adam with a head group, linear decay) is repeated here."""
     import msmo
 
@@ -567,7 +572,7 @@ def check_msmo(cfg: Cfg) -> dict:
         labels = [-100] * len(row)
         for j in first:
             labels[j] = int(torch.randint(0, num_tags, (), generator=gen)) if torch.rand((), generator=gen) < 0.2 else 0
-        return msmo.Encoded(row, first, labels)
+        return msmo.EncodedSentence(row, first, labels)
 
     items = [sentence(r) for r in fake_rows(b, t, ids, gen)]
     sides = [j % 2 for j in range(b)]  # English-context and target-context sentences, for the critic
@@ -576,9 +581,9 @@ def check_msmo(cfg: Cfg) -> dict:
         sa, sb = sentence(ra), sentence(rb)
         n_asp = min(3, len(sa.first) // 2, len(sb.first) // 2)
         aspects = [(sa.first[2 * q: 2 * q + 1 + q % 2], sb.first[2 * q: 2 * q + 1 + q % 2]) for q in range(n_asp)]
-        pairs.append(msmo.Pair(sa, sb, aspects))
-    batch_adv = msmo.make_batch(items, ids["pad"], dev, sides)
-    batch_cons = msmo.make_batch(items, ids["pad"], dev, sides, pairs)
+        pairs.append(msmo.AlignedPair(sa, sb, aspects))
+    batch_adv = msmo.tagging_batch(items, ids["pad"], dev, sides)
+    batch_cons = msmo.tagging_batch(items, ids["pad"], dev, sides, pairs)
 
     def build() -> dict:
         model = msmo.Tagger(make_encoder(name, tiny), num_tags)

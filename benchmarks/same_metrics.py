@@ -7,7 +7,9 @@ Each run folder (one holding summary.json) in BEFORE_DIR is matched by name with
 every evaluation record of metrics.jsonl and every number of summary.json is compared exactly
 (==, so bit for bit), except wall-clock fields, versions, the commit and the run's own path.
 Prints one line per run (same / differs: the first differing fields with both values) and exits
-1 when any run differs or is missing.
+1 when any run differs or is missing. A field only the AFTER run has (a new diagnostic) makes the
+run differ, unless `--allow-new-fields`: then the verdict is "same on every old field, +N new"
+and the new field names are listed.
 """
 
 from __future__ import annotations
@@ -42,7 +44,8 @@ def run_numbers(run: Path) -> dict:
     return {k: (v.replace(str(run), "<run>") if isinstance(v, str) else v) for k, v in out.items()}
 
 
-def compare(before: Path, after: Path, only: list[str] | None = None) -> list[tuple[str, str]]:
+def compare(before: Path, after: Path, only: list[str] | None = None,
+            allow_new: bool = False) -> list[tuple[str, str]]:
     rows = []
     for s in sorted(before.rglob("summary.json")):
         name = s.parent.name
@@ -55,8 +58,12 @@ def compare(before: Path, after: Path, only: list[str] | None = None) -> list[tu
         a, b = run_numbers(s.parent), run_numbers(other.parent)
         a = {k: v for k, v in a.items() if not isinstance(v, str) or k.endswith(("method", "split", "setting"))}
         b = {k: v for k, v in b.items() if not isinstance(v, str) or k.endswith(("method", "split", "setting"))}
-        diff = [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
-        rows.append((name, "same" if not diff else f"differs ({len(diff)}): " + "; ".join(diff[:4])))
+        new = sorted(set(b) - set(a)) if allow_new else []
+        diff = [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted((set(a) | set(b)) - set(new))
+                if a.get(k) != b.get(k)]
+        names = sorted({k.split(".")[-1] if not k.split(".")[-1].isdigit() else k.split(".")[-2] for k in new})
+        same = "same" if not new else f"same on every old field, +{len(new)} new ({', '.join(names)})"
+        rows.append((name, same if not diff else f"differs ({len(diff)}): " + "; ".join(diff[:4])))
     return rows
 
 
@@ -65,11 +72,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("before", type=Path)
     ap.add_argument("after", type=Path)
     ap.add_argument("--only", nargs="*", help="runs whose name contains one of these strings")
+    ap.add_argument("--allow-new-fields", action="store_true", help="fields only AFTER has do not count as a change")
     args = ap.parse_args(argv)
-    rows = compare(args.before, args.after, args.only)
+    rows = compare(args.before, args.after, args.only, args.allow_new_fields)
     for name, verdict in rows:
         print(f"{name:55s} {verdict}")
-    bad = sum(v != "same" for _, v in rows)
+    bad = sum(not v.startswith("same") for _, v in rows)
     print(f"{len(rows) - bad} of {len(rows)} runs identical" + ("" if rows else " (no runs found)"))
     return 1 if bad or not rows else 0
 

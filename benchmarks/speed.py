@@ -129,7 +129,7 @@ def measure_lacol(args) -> dict:
     la = lacol.Args(dataset=dataset, backbone=args.backbone, batch_size=args.batch_size, num_workers=args.num_workers)
     weak, strong, _ = lacol.make_views(dataset, d.train_x.shape[-1], la.randaug_ops, la.randaug_magnitude)
     n = min(len(d.train_y), 20 * args.batch_size)
-    ds = lacol.NoisyImages(d.train_x[:n], d.train_y[:n], (weak, strong), n_views=3)
+    ds = image_data.NoisyImages(d.train_x[:n], d.train_y[:n], (weak, strong), n_views=3)
     # data pipeline alone
     loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, shuffle=True, num_workers=args.num_workers)
     t, seen = time.perf_counter(), 0
@@ -269,28 +269,122 @@ def measure_scal(args) -> dict:
 def measure_uscal(args) -> dict:
     """uscal_step vs simcse_step on one batch of --batch-size training sentences (MiniLM-L6)."""
     import uscal
+    from common.text_data import load_unlabelled_sentences
+    from common.text_models import tokenize_batch
 
     a = _text_args(uscal.Args, uscal.PRESETS, ["--preset", args.text_preset or "cpu"])
     device = utils.resolve_device(args.device)
     utils.seed_everything(0)
-    sentences = uscal.load_training_sentences(a, utils.resolve_text_data_dir(a.data_dir))
+    sentences, _ = load_unlabelled_sentences(a.train_data, utils.resolve_text_data_dir(a.data_dir), a.source,
+                                             a.limit_train, a.subset_seed)
     encoder, tok = uscal.load_model(a, sentences)
     model = uscal.SimCSEModel(encoder).to(device).train()
     lengths = [len(x) for x in sentences]  # characters, as uscal.epoch_order groups them
-    batches = {order: uscal.tokenize_batch(tok, [sentences[i] for i in typical_batch(lengths, args.batch_size,
-                                                                                       order == "grouped")],
-                                           a.max_length, device) for order in ("random", "grouped")}
+    batches = {order: tokenize_batch(tok, [sentences[i] for i in typical_batch(lengths, args.batch_size,
+                                                                                 order == "grouped")],
+                                     a.max_length, device) for order in ("random", "grouped")}
     steps = {f"{name}/{prec}/{order}": _train_step(model.parameters(), lambda f=f, b=batches[order]: f(model, b, a),
                                                    device, DTYPES[prec])
-             for prec, order in CONFIGS_TEXT for name, f in (("uscal", uscal.uscal_step), ("simcse", uscal.simcse_step))}
+             for prec, order in CONFIGS_TEXT
+             for name, f in (("uscal", uscal.uscal_step), ("simcse", uscal.simcse_step))}
     times = time_steps(steps, args.reps)
     return grid_result(times, "uscal", "simcse", args.batch_size, 1.8, default_config(args, device), model=a.model,
                        baseline="simcse_step", method="uscal_step (Eq. 10)")
 
 
+# ---- CoNLST's steps and their baselines on the same batches (used only here and in tests/test_speed.py)
+def fixmatch_batch(net, a, pairs: list[tuple[str, str]], source: list) -> dict:
+    """The plain-FixMatch baseline's batch: weak (original) and strong (masked) views, a source batch."""
+    import conlst
+    from common.text_data import tokenize_pairs
+
+    enc = tokenize_pairs(net.tok, pairs, net.prefix, net.max_length, maskable=True)
+    strong = dict(enc, input_ids=conlst.random_token_masking(enc["input_ids"], enc["maskable"], a.mask_ratio,
+                                                             net.tok.mask_token_id))
+    enc.pop("maskable")
+    strong.pop("maskable")
+    return {"weak": conlst.to_device(enc, net.device), "strong": conlst.to_device(strong, net.device),
+            **conlst.make_ft_batch(net, source)}
+
+
+def fixmatch_step(model, batch: dict, a, threshold: float = 0.95) -> tuple[torch.Tensor, dict]:
+    """Plain FixMatch (the speed baseline of CoNLST's stage 2): pseudo-labels from the weak view in
+    the same step (no gradient), CE on the strong view where the confidence reaches a fixed threshold."""
+    import torch.nn.functional as F
+
+    with torch.no_grad():
+        conf, pl = model(batch["weak"]).float().softmax(1).max(1)
+    l_u = (F.cross_entropy(model(batch["strong"]).float(), pl, reduction="none") * (conf >= threshold)).mean()
+    l_sup = F.cross_entropy(model(batch["src"]).float(), batch["src_labels"])
+    return l_sup + a.lambda_u * l_u, {"l_sup": l_sup.detach(), "l_u": l_u.detach()}
+
+
+def conlst_steps(a, lang: str | None = None, pick=None) -> dict:
+    """Zero-argument callables, each one full training step (forward, loss, backward, optimizer
+    step with lr 0) on a fixed batch: 'ft' (plain fine-tuning, conlst.ft_step) and 'conl' (stage 1,
+    conlst.conl_step) share their source pairs; 'fixmatch' (plain FixMatch, fixmatch_step) and 'st'
+    (stage 2, conlst.st_step) share their target and source pairs. The model is `a`'s encoder (a
+    conlst.Args) with fresh heads; in the stage-1 batch every anchor has K valid negatives (the costliest
+    case). `pick(items, n)` chooses the rows of each batch (default: the first n, cycling). Writes nothing."""
+    import conlst
+
+    conlst.validate(a)
+    device = utils.resolve_device(a.device)
+    amp_dtype, _ = utils.resolve_precision(a.precision, device)
+    utils.seed_everything(a.seed)
+    lang = lang or conlst.resolve_langs(a)[0]
+    data = conlst.load_data(a, [lang])
+    model, tok, prefix = conlst.build_model(a, [s for e in data.source for s in (e.text_a, e.text_b)]
+                                            + [s for p in data.targets[lang].pool for s in p])
+    model.to(device).train()
+    net = conlst.Net(model, tok, prefix, a.max_length, device, amp_dtype)
+    pool = data.targets[lang].pool
+    b1, b2, c = a.s1_batch_size, a.s2_batch_size, conlst.NUM_CLASSES
+    hc_idx = torch.arange(len(pool))
+    hc_label = hc_idx % c  # every pool sample confident, classes round-robin: K real negatives each
+    probs = torch.nn.functional.one_hot(torch.arange(b1) % c, c).float()
+    comp = conlst.complementary_labels_eq4(probs, a.gamma, a.comp_label)
+    neg_idx, neg_valid = conlst.sample_negatives_eq5(comp, hc_idx, hc_label, a.k_neg, a.neg_sharing)
+    pick = pick or (lambda items, n: [i % len(items) for i in range(n)])
+    anchors = [pool[i] for i in pick(pool, b1)]
+    src1 = [data.source[i] for i in pick(data.source, b1)]
+    tgt = [pool[i] for i in pick(pool, b2)]
+    src2 = [data.source[i] for i in pick(data.source, a.s2_source_batch_size)]
+    kinds = [("mask", "mixup")[i % 2] for i in range(b2)]
+    batches = {"ft": (conlst.ft_step, conlst.make_ft_batch(net, src1)),
+               "conl": (conlst.conl_step, conlst.make_conl_batch(net, pool, anchors, comp, neg_idx, neg_valid,
+                                                                 [] if a.wo_clcs else src1[:a.s1_source_batch_size])),
+               "fixmatch": (fixmatch_step, fixmatch_batch(net, a, tgt, src2)),
+               "st": (conlst.st_step, conlst.make_st_batch(net, a, None, tgt, kinds, [i % c for i in range(b2)], src2))}
+    opt = torch.optim.Adam(conlst.trainable(model), lr=0.0)
+
+    def one_step(fn, batch: dict):
+        def run() -> float:
+            with utils.autocast(device, amp_dtype):
+                loss, _ = fn(model, batch, a)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            return loss.item()
+        return run
+
+    return {name: one_step(fn, batch) for name, (fn, batch) in batches.items()}
+
+
+def conlst_step_times(a, repeats: int = 3, lang: str | None = None) -> dict:
+    """Seconds per step (median over `repeats` interleaved rounds, after one warm-up round) of
+    ft vs conl (stage 1) and fixmatch vs st (stage 2), and the two ratios."""
+    steps = conlst_steps(a, lang)
+    times = time_steps(steps, repeats, warmup=1)
+    out = {f"{k}_s": statistics.median(v) for k, v in times.items()}
+    out["conl_over_ft"] = out["conl_s"] / out["ft_s"]
+    out["st_over_fixmatch"] = out["st_s"] / out["fixmatch_s"]
+    return out
+
+
 def measure_conlst(args) -> dict:
     """Stage 2 (st_step) vs plain FixMatch and stage 1 (conl_step) vs plain fine-tuning, each
-    pair on the same batch (conlst.speed_steps), e5-small as in the CPU preset."""
+    pair on the same batch (conlst_steps), e5-small as in the CPU preset."""
     import conlst
 
     a = _text_args(conlst.Args, conlst.PRESETS, ["--preset", args.text_preset or "cpu", "--langs", "fr"])
@@ -301,7 +395,7 @@ def measure_conlst(args) -> dict:
 
         def pick(items, n, grouped=order == "grouped"):  # premise + hypothesis characters, as conlst groups them
             return typical_batch([len(p[0]) + len(p[1] or "") for p in items], n, grouped)
-        cfg = conlst.speed_steps(dataclasses.replace(a, precision=prec), pick=pick)
+        cfg = conlst_steps(dataclasses.replace(a, precision=prec), pick=pick)
         steps |= {f"{k}/{prec}/{order}": f for k, f in cfg.items()}
     times = time_steps(steps, args.reps)
     b2, b1 = a.s2_batch_size + a.s2_source_batch_size, a.s1_batch_size
@@ -327,14 +421,14 @@ def measure_msmo(args) -> dict:
     device = utils.resolve_device(args.device)
     utils.seed_everything(0)
     data = msmo.load_data(a)
-    encoder, tok = msmo.build_encoder(a.model, a.data_dir, a.domain)
+    encoder, tok = msmo.xabsa_encoder(a.model, a.data_dir, a.domain)
     model = msmo.Tagger(encoder, len(msmo.tag_list(a.tagging)))
     if a.freeze_embeddings:
         msmo.freeze_word_embeddings(model)
     model.to(device).train()
     enc = msmo.encode_data(a, data, tok)
-    pool, pool_sides = enc["ce_pool"], enc["ce_sides"]
-    pair_lengths = [len(p.a.input_ids) + len(p.b.input_ids) for p in enc["pairs"]]
+    pool, pool_sides = enc.ce_pool, enc.ce_sides
+    pair_lengths = [len(p.a.input_ids) + len(p.b.input_ids) for p in enc.pairs]
     batches = {}
     for order in ("random", "grouped"):
         idx = typical_batch([len(e.input_ids) for e in pool], a.batch_size, order == "grouped")
@@ -342,9 +436,9 @@ def measure_msmo(args) -> dict:
         if not (0 in sides and 1 in sides):  # the adversarial term needs both languages in the batch
             src, tgt = pool_sides.index(0), pool_sides.index(1)
             items[:2], sides[:2] = [pool[src], pool[tgt]], [0, 1]
-        pairs = [enc["pairs"][i] for i in typical_batch(pair_lengths, a.cons_batch, order == "grouped")]
-        batches[order] = (msmo.make_batch(items, tok.pad_token_id, device, sides),
-                          msmo.make_batch(items, tok.pad_token_id, device, sides, pairs))
+        pairs = [enc.pairs[i] for i in typical_batch(pair_lengths, a.cons_batch, order == "grouped")]
+        batches[order] = (msmo.tagging_batch(items, tok.pad_token_id, device, sides),
+                          msmo.tagging_batch(items, tok.pad_token_id, device, sides, pairs))
     critic = msmo.Critic(encoder.config.hidden_size, encoder.config.hidden_dropout_prob, a.critic_clip).to(device)
     critic_opt = torch.optim.Adam(critic.parameters(), lr=a.critic_lr or a.lr)
     calls = {"n": 0}
@@ -404,7 +498,8 @@ def main(argv: list[str] | None = None) -> int:
         res = MEASURES[args.method](args)
         run_dir = utils.make_run_dir(args.out_dir, args.exp_name or f"speed_{args.method}__seed{args.seed}")
         utils.atomic_write_json(run_dir / "args.json", vars(args))
-        summary = {"script": "benchmarks/speed.py", "method": args.method, "dataset": "-", "setting": res.get("model", args.backbone),
+        summary = {"script": "benchmarks/speed.py", "method": args.method, "dataset": "-",
+                   "setting": res.get("model", args.backbone),
                    "seed": args.seed, "primary_metric": "ratio", "final": {k: v for k, v in res.items()},
                    "best": {k: v for k, v in res.items()}, "wall_s": round(time.time() - t, 2)}
         utils.write_summary(run_dir, summary)

@@ -101,11 +101,13 @@ def _lacol_paper() -> list[Run]:
     for ds, preset in (("cifar10", ()), ("cifar100", ("--preset", "cifar100"))):
         for noise in ("sym20", "sym40", "sym60", "asym20", "asym40"):
             for method in ("lacol", "ce"):
-                runs.append(Run(f"lacol_{ds}_{noise}_{method}", "lacol.py", (*preset, "--noise", noise, "--method", method),
+                runs.append(Run(f"lacol_{ds}_{noise}_{method}", "lacol.py", (*preset, "--noise", noise, "--method",
+                                                                             method),
                                 "LaCoL Table 1", f"lacol/{ds}/{noise}/{method}"))
         for noise in ("inst20", "inst40"):
             for method in ("lacol", "ce"):
-                runs.append(Run(f"lacol_{ds}_{noise}_{method}", "lacol.py", (*preset, "--noise", noise, "--method", method),
+                runs.append(Run(f"lacol_{ds}_{noise}_{method}", "lacol.py", (*preset, "--noise", noise, "--method",
+                                                                             method),
                                 "LaCoL Table 2", f"lacol/{ds}/{noise}/{method}"))
     for method in ("lacol", "ce"):
         runs.append(Run(f"lacol_clothing1m_{method}", "lacol.py", ("--preset", "clothing1m", "--method", method),
@@ -128,12 +130,14 @@ def _lacol_cpu() -> list[Run]:
     runs = []
     for noise in ("sym40", "asym40"):
         for method in ("ce", "lacol"):
-            runs.append(Run(f"lacol_fmnist_{noise}_{method}", "lacol.py", (*LACOL_CPU, "--noise", noise, "--method", method),
+            runs.append(Run(f"lacol_fmnist_{noise}_{method}", "lacol.py", (*LACOL_CPU, "--noise", noise, "--method",
+                                                                           method),
                             "LaCoL on Fashion-MNIST (CPU scale)", f"lacol/cifar10/{noise}/{method}"))
     runs.append(Run("lacol_fmnist_clean_ce", "lacol.py", (*LACOL_CPU, "--noise", "clean", "--method", "ce"),
                     "LaCoL on Fashion-MNIST (CPU scale)"))
     for abl in ("wo_diversity", "wo_ms", "wo_sc"):
-        runs.append(Run(f"lacol_fmnist_sym40_{abl}", "lacol.py", (*LACOL_CPU, "--noise", "sym40", "--" + abl.replace("_", "-")),
+        runs.append(Run(f"lacol_fmnist_sym40_{abl}", "lacol.py", (*LACOL_CPU, "--noise", "sym40",
+                                                                  "--" + abl.replace("_", "-")),
                         "LaCoL ablation on Fashion-MNIST (CPU scale, seed 0)", f"lacol/cifar100/sym40/{abl}",
                         only_seeds=(0,)))
     return runs
@@ -260,7 +264,8 @@ def _uscal_paper() -> list[Run]:
                 views=tuple(View(v.name, v.best, v.last, v.row.replace("/spearman_avg", "/avg"))
                             for v in _uscal_views(f"uscal/{m}")))
             for m in ("bert-base", "roberta-base")] + [
-        Run(f"uscal_simcse_{m}", "uscal.py", (*(("--preset", "roberta-base") if m == "roberta-base" else ()), "--alpha", "0"),
+        Run(f"uscal_simcse_{m}", "uscal.py",
+            (*(("--preset", "roberta-base") if m == "roberta-base" else ()), "--alpha", "0"),
             "USCAL Table 6 (STS, Spearman x100, 'all')", f"uscal/simcse-{m}/avg", "spearman_avg")
         for m in ("bert-base", "roberta-base")]
 
@@ -303,10 +308,12 @@ def _conlst_cpu() -> list[Run]:
     """Per seed: one stage-0 run (English fine-tuning, then the zero-shot accuracy of every
     language), then per language the full pipeline and stage 2 alone from that stage-0 model.
     Runs of 10-20 minutes each, so a benchmark interrupted by a session limit loses little."""
-    zs = tuple(View(f"{l}: zero-shot (stage 0)", f"per_lang.{l}.stage0.acc", f"per_lang.{l}.stage0.acc")
-               for l in CONLST_CPU_LANGS)
-    runs = [Run("conlst_cpu_stage0", "conlst.py", ("--preset", "cpu", "--langs", *CONLST_CPU_LANGS, "--wo-conl", "--wo-st"),
-                CONLST_G, None, "acc", curve=None, views=zs + (View("English dev (selection)", "per_lang.fr.stage0.en_dev_acc",
+    zs = tuple(View(f"{lg}: zero-shot (stage 0)", f"per_lang.{lg}.stage0.acc", f"per_lang.{lg}.stage0.acc")
+               for lg in CONLST_CPU_LANGS)
+    runs = [Run("conlst_cpu_stage0", "conlst.py", ("--preset", "cpu", "--langs", *CONLST_CPU_LANGS, "--wo-conl",
+                                                   "--wo-st"),
+                CONLST_G, None, "acc", curve=None, views=zs + (View("English dev (selection)",
+                                                                    "per_lang.fr.stage0.en_dev_acc",
                                                                      "per_lang.fr.stage0.en_dev_acc"),))]
     for lang in CONLST_CPU_LANGS:
         p = f"per_lang.{lang}"
@@ -325,12 +332,15 @@ def _conlst_cpu() -> list[Run]:
         # dev 53.1 -> 52.1, 49.6 -> 36.8, and equal), so runs of one seed may have read different stage-0 models.
         z = f"{p}.stage0.acc"
         runs.append(Run(f"conlst_cpu_{lang}_full", "conlst.py", ("--preset", "cpu", "--lang", lang, "--stage0-from",
-                                                                 CONLST_STAGE0), CONLST_G, None, "acc", curve=None, phase=1,
+                                                                 CONLST_STAGE0),
+                        CONLST_G, None, "acc", curve=None, phase=1,
                         views=(View("full CoNLST", f"{p}.best.acc", f"{p}.final.acc"),
                                View("+ stage 1 (CoNL) only", f"{p}.stage1.acc", f"{p}.stage1.acc"),
                                View("zero-shot (same stage 0)", z, z),
-                               View("gain of full CoNLST over its stage 0", f"{p}.best.acc - {z}", f"{p}.final.acc - {z}"),
-                               View("gain of stage 1 over its stage 0", f"{p}.stage1.acc - {z}", f"{p}.stage1.acc - {z}"))
+                               View("gain of full CoNLST over its stage 0", f"{p}.best.acc - {z}",
+                                    f"{p}.final.acc - {z}"),
+                               View("gain of stage 1 over its stage 0", f"{p}.stage1.acc - {z}",
+                                    f"{p}.stage1.acc - {z}"))
                         + bins))
         runs.append(Run(f"conlst_cpu_{lang}_wo_conl", "conlst.py", ("--preset", "cpu", "--lang", lang, "--wo-conl",
                                                                     "--stage0-from", CONLST_STAGE0),
@@ -343,8 +353,8 @@ def _conlst_cpu() -> list[Run]:
 
 
 def _conlst_averages() -> list[Average]:
-    full = tuple(f"conlst_cpu_{l}_full" for l in CONLST_CPU_LANGS)
-    wo = tuple(f"conlst_cpu_{l}_wo_conl" for l in CONLST_CPU_LANGS)
+    full = tuple(f"conlst_cpu_{lg}_full" for lg in CONLST_CPU_LANGS)
+    wo = tuple(f"conlst_cpu_{lg}_wo_conl" for lg in CONLST_CPU_LANGS)
     return [Average("conlst_cpu_avg_zero_shot", full, CONLST_G, None, view="zero-shot (same stage 0)"),
             Average("conlst_cpu_avg_stage1", full, CONLST_G, None, view="+ stage 1 (CoNL) only"),
             Average("conlst_cpu_avg_full", full, CONLST_G, "conlst/mbert/avg/conlst"),
@@ -352,7 +362,8 @@ def _conlst_averages() -> list[Average]:
             Average("conlst_cpu_avg_stage2_only", wo, CONLST_G),
             Average("conlst_cpu_avg_gain_stage1", full, CONLST_G, None, view="gain of stage 1 over its stage 0"),
             Average("conlst_cpu_avg_gain_full", full, CONLST_G, None, view="gain of full CoNLST over its stage 0"),
-            Average("conlst_cpu_avg_gain_stage2_only", wo, CONLST_G, None, view="gain of stage 2 alone over its stage 0")]
+            Average("conlst_cpu_avg_gain_stage2_only", wo, CONLST_G, None,
+                    view="gain of stage 2 alone over its stage 0")]
 
 
 # Every comparison is between numbers from the same stage-0 model (see _conlst_cpu); full
@@ -382,6 +393,9 @@ CONLST_CPU_CLAIMS = [
     for lang in CONLST_CPU_LANGS]
 
 
+MBERT_STAGE0 = "{out}/conlst_mbert_full__seed{seed}/stage0.pt"  # the stage-0 model of the full mBERT run
+
+
 def _conlst_paper() -> list[Run]:
     runs = []
     for preset, name, table in (((), "mbert", "Table 1"), (("--preset", "xlmr"), "xlmr", "Table 2")):
@@ -392,8 +406,7 @@ def _conlst_paper() -> list[Run]:
                                  "conlst/mbert/avg/full_ablation"),) if name == "mbert" else ())))
     for flag, row in (("--wo-st", "wo_self_training"), ("--wo-cl", "wo_contrastive"), ("--wo-clcs", "wo_clcs"),
                       ("--wo-mixup", "wo_mixup"), ("--wo-bt", "wo_backtranslation")):
-        runs.append(Run(f"conlst_mbert_{row}", "conlst.py", ("--langs", "all", flag,
-                                                             "--stage0-from", "{out}/conlst_mbert_full__seed{seed}/stage0.pt"),
+        runs.append(Run(f"conlst_mbert_{row}", "conlst.py", ("--langs", "all", flag, "--stage0-from", MBERT_STAGE0),
                         "CoNLST Table 3 (ablation, XNLI test average)", f"conlst/mbert/avg/{row}",
                         views=(View("avg", "avg.best", "avg.final", f"conlst/mbert/avg/{row}"),), phase=1))
     for lang in ("en", "fr", "zh", "ur"):
@@ -403,8 +416,8 @@ def _conlst_paper() -> list[Run]:
                               f"per_lang.{lang}.bins.after_stage0.{b}.acc", f"conlst/pl_acc/{lang}/{b}/before"))
             views.append(View(f"{lang} {b} after", f"per_lang.{lang}.bins.after_stage1.{b}.acc",
                               f"per_lang.{lang}.bins.after_stage1.{b}.acc", f"conlst/pl_acc/{lang}/{b}/after"))
-        runs.append(Run(f"conlst_mbert_bins_{lang}", "conlst.py", ("--lang", lang, "--wo-st",
-                                                                   "--stage0-from", "{out}/conlst_mbert_full__seed{seed}/stage0.pt"),
+        runs.append(Run(f"conlst_mbert_bins_{lang}", "conlst.py", ("--lang", lang, "--wo-st", "--stage0-from",
+                                                                   MBERT_STAGE0),
                         "CoNLST Table 4 (pseudo-label accuracy per confidence bin)", None, views=tuple(views), phase=1))
     return runs
 
@@ -417,7 +430,7 @@ def _msmo_runs(preset: tuple[str, ...], tag: str, group: str, row: str) -> list[
     langs = ("--eval-langs", *MSMO_LANGS)
     runs = [Run(f"msmo_{tag}_zero_shot", "msmo.py", (*preset, "--method", "zero_shot", *langs), group,
                 f"msmo/{row}/avg/zero_shot", "f1_avg",
-                views=tuple(View(l, f"best.f1_{l}", f"final.f1_{l}") for l in MSMO_LANGS)
+                views=tuple(View(lg, f"best.f1_{lg}", f"final.f1_{lg}") for lg in MSMO_LANGS)
                 + (View("avg", "best.f1_avg", "final.f1_avg", f"msmo/{row}/avg/zero_shot"),))]
     for method in ("acs", "msmo", "supervised", "distill"):
         for lang in MSMO_LANGS:
@@ -425,7 +438,8 @@ def _msmo_runs(preset: tuple[str, ...], tag: str, group: str, row: str) -> list[
             if method == "distill":
                 extra = ("--teachers", *(f"{{out}}/msmo_{tag}_msmo_{lang}__seed{s}" for s in (0, 1, 2)),
                          "--student-init", f"{{out}}/msmo_{tag}_msmo_{lang}__seed{{seed}}")
-            runs.append(Run(f"msmo_{tag}_{method}_{lang}", "msmo.py", (*preset, "--method", method, "--lang", lang, *extra),
+            runs.append(Run(f"msmo_{tag}_{method}_{lang}", "msmo.py", (*preset, "--method", method, "--lang", lang,
+                                                                       *extra),
                             group, None, f"f1_{lang}", phase=1 if method == "distill" else 0))
     return runs
 
@@ -436,7 +450,7 @@ def _msmo_cpu() -> list[Run]:
 
 
 def _msmo_averages(tag: str, group: str, row: str | None) -> list[Average]:
-    return [Average(f"msmo_{tag}_{m}_avg", tuple(f"msmo_{tag}_{m}_{l}" for l in MSMO_LANGS), group,
+    return [Average(f"msmo_{tag}_{m}_avg", tuple(f"msmo_{tag}_{m}_{lg}" for lg in MSMO_LANGS), group,
                     row and f"msmo/{row}/avg/{'msmo_distill' if m == 'distill' else m}")
             for m in ("acs", "msmo", "distill") + (("supervised",) if tag != "cpu" else ())]
 
@@ -452,13 +466,15 @@ MSMO_CPU_CLAIMS = [
 ] + [Claim(f"MSMO: {lang}, ACS above zero-shot", f"msmo_cpu_acs_{lang}", "msmo_cpu_zero_shot", "best",
            right_path=f"best.f1_{lang}", selected_on=MSMO_SEL, family="MSMO: ACS above zero-shot, per language")
      for lang in MSMO_LANGS] + [
-    Claim(f"MSMO: {lang}, {MSMO_NAMES[a]} above {MSMO_NAMES[b]}", f"msmo_cpu_{a}_{lang}", f"msmo_cpu_{b}_{lang}", "best",
+    Claim(f"MSMO: {lang}, {MSMO_NAMES[a]} above {MSMO_NAMES[b]}", f"msmo_cpu_{a}_{lang}", f"msmo_cpu_{b}_{lang}",
+          "best",
           selected_on=MSMO_SEL, family=f"MSMO: {MSMO_NAMES[a]} above {MSMO_NAMES[b]}, per language")
     for a, b in (("msmo", "acs"), ("distill", "msmo")) for lang in MSMO_LANGS]
 
 
 # ----------------------------------------------------------------------------- smoke: text scripts
-# Tiny random encoders on the real offline files (each script's `smoke` preset): seconds per run.
+# Tiny random encoders on the real offline files (each script's `smoke` preset, uscal.py's USCAL_SMOKE flags):
+# seconds per run.
 # A few steps of a random model leave SCAL (RTE 50% = chance, CoLA MCC 0), CoNLST (35.4% on 3
 # classes: one class predicted) and MSMO (F1 0) at chance in the 2026-11-25 baseline, so those
 # rows are crash-only (compare=False); a fall below chance cannot happen, and a check that cannot
@@ -467,13 +483,18 @@ MSMO_CPU_CLAIMS = [
 # 2 seeds x 2 methods, majority class 27.6%).
 SCAL_SMOKE_MINILM = ("--preset", "smoke", "--model", "minilm-l6", "--task", "trec", "--limit-train", "640",
                      "--max-steps", "40", "--limit-eval", "500", "--lr", "1e-4")
+# uscal.py's smoke settings (no preset of its own): a tiny random BERT, 96 offline sentences, 3 steps,
+# STS-B dev every 2, 50 pairs per STS set / subset. tests/test_uscal.py and test_reliability.py use them too.
+USCAL_SMOKE = ("--model", "tiny", "--source", "local", "--train-data", "senteval", "--limit-train", "96",
+               "--batch-size", "16", "--max-steps", "3", "--eval-every", "2", "--limit-eval", "50")
 
 
 def _text_smoke() -> list[Run]:
     runs = []
     for task, metric in (("rte", "acc"), ("cola", "mcc")):
         for method in SCAL_METHODS:
-            runs.append(Run(f"scal_smoke_{task}_{method}", "scal.py", ("--preset", "smoke", "--task", task, "--method", method),
+            runs.append(Run(f"scal_smoke_{task}_{method}", "scal.py", ("--preset", "smoke", "--task", task, "--method",
+                                                                       method),
                             "scal smoke", metric=metric, only_seeds=(0,) if task == "cola" else None, compare=False))
     runs.append(Run("scal_smoke_fgsm_cl_adv", "scal.py", ("--preset", "smoke", "--attack", "fgsm", "--method", "cl",
                                                            "--cl-positive", "adv"), "scal smoke", only_seeds=(0,),
@@ -482,7 +503,7 @@ def _text_smoke() -> list[Run]:
         runs.append(Run(f"scal_smoke_trec_minilm_{method}", "scal.py", (*SCAL_SMOKE_MINILM, "--method", method),
                         "scal smoke (MiniLM-L6, TREC)"))
     for name, extra in (("simcse", ("--alpha", "0")), ("uscal", ()), ("uscal_fgsm", ("--attack", "fgsm"))):
-        runs.append(Run(f"uscal_smoke_{name}", "uscal.py", ("--preset", "smoke", *extra), "uscal smoke",
+        runs.append(Run(f"uscal_smoke_{name}", "uscal.py", (*USCAL_SMOKE, *extra), "uscal smoke",
                         metric="spearman_avg", views=(View("spearman_avg", "best.spearman_avg", "best.spearman_avg"),),
                         only_seeds=(0,) if name == "uscal_fgsm" else None))
     conlst_smoke = ("--preset", "smoke", "--gamma", "0.34")
@@ -571,8 +592,8 @@ SUITES: dict[str, Suite] = {
     "cpu": Suite("cpu", _lacol_cpu() + _scal_cpu() + _uscal_cpu() + _conlst_cpu() + _msmo_cpu(), (0, 1, 2),
                  LACOL_CPU_CLAIMS + SCAL_CPU_CLAIMS + USCAL_CPU_CLAIMS + CONLST_CPU_CLAIMS + MSMO_CPU_CLAIMS,
                  description="CPU-scale reproductions on offline real data",
-                 averages=_scal_cpu_averages() + _conlst_averages() + _msmo_averages("cpu", "MSMO on XABSA (e5-small, 240 steps, CPU scale)",
-                                                              "mbert")),
+                 averages=_scal_cpu_averages() + _conlst_averages()
+                 + _msmo_averages("cpu", "MSMO on XABSA (e5-small, 240 steps, CPU scale)", "mbert")),
     "smoke": Suite("smoke", _pinned_fp32(_lacol_smoke() + _text_smoke()), (0, 1),
                    description="every script and major flag for a few steps"),
     "parity": Suite("parity", _parity(), (0,), description="the cpu presets, a few hundred steps, fp32 vs bf16"),

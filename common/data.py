@@ -204,10 +204,14 @@ def fake_cifar10(n_train: int = 512, n_test: int = 256, seed: int = 0) -> ImageD
 
 
 # ---- a training subset with noisy labels, and the dataset that makes the views (lacol.py)
+HOLDOUT_STREAM = 28  # the held-out split's random stream: its own, so the subset and the noise stay as without it
+
+
 @dataclass
 class NoisyData:
     """A run's data: the training subset (indices into the full set), its images, clean and given
-    (noisy) labels, the test images and labels, and the noise record saved with the run."""
+    (noisy) labels, the test images and labels, and the noise record saved with the run. With a
+    held-out split, `holdout` holds its indices (into the full set), images, clean and noisy labels."""
 
     data: ImageData
     subset: np.ndarray
@@ -217,14 +221,47 @@ class NoisyData:
     test_x: Any
     test_y: torch.Tensor
     noise_info: dict
+    holdout: dict | None = None
+
+    def label_arrays(self) -> dict[str, np.ndarray]:
+        """The run's labels.npz: the training subset (indices into the full set), its clean and given
+        labels, the test samples' indices, and the held-out split's (holdout_*) when there is one."""
+        out = {"subset": self.subset, "clean": self.clean_y.numpy(), "noisy": self.noisy_y.numpy(),
+               "test_indices": np.arange(len(self.test_y))}
+        if self.holdout:
+            out.update(holdout_subset=self.holdout["subset"], holdout_clean=self.holdout["clean"].numpy(),
+                       holdout_noisy=self.holdout["noisy"].numpy())
+        return out
+
+    def datasets(self, weak, strong, test_view) -> tuple:
+        """lacol.py's datasets: the training set (weak, strong, strong' views), the selection set (weak
+        view only), and the evaluation sets {"acc": the clean test set, "holdout_noisy_acc": the held-out
+        samples with their *noisy* labels (only with a held-out split)}."""
+        evals = {"acc": NoisyImages(self.test_x, self.test_y, test_view=test_view)}
+        if self.holdout:
+            evals["holdout_noisy_acc"] = NoisyImages(self.holdout["x"], self.holdout["noisy"], test_view=test_view)
+        return (NoisyImages(self.train_x, self.noisy_y, (weak, strong)),
+                NoisyImages(self.train_x, self.noisy_y, (weak, strong), n_views=1), evals)
+
+
+def _take(x: Any, idx: np.ndarray) -> Any:
+    return x[idx] if isinstance(x, torch.Tensor) else [x[i] for i in idx]
 
 
 def load_noisy_data(dataset: str, data_dir: str, seed: int, noise: str, limit_train: int | None = None,
                     limit_eval: int | None = None, noise_file: str = "", noise_column: str = "",
-                    include_true: bool = True) -> NoisyData:
+                    include_true: bool = True, inst_pixels: str = "raw", cifar100_asym: str = "superclass",
+                    holdout: int = 0) -> NoisyData:
     """Load the data set, take a seeded `limit_train` subset (sorted indices) and make its noisy
     labels: from `noise_file` (e.g. CIFAR-N) or the `noise` spec (common/noise.py). The test set is
-    its first `limit_eval` samples."""
+    its first `limit_eval` samples.
+
+    `holdout` > 0: after the noise is made (so every label is what it is without a held-out split),
+    that many samples of the subset, drawn with the noise seed `seed` on a stream of their own
+    (HOLDOUT_STREAM), leave training: a held-out split with its *noisy* labels (PES holds out 10% of
+    the noisy training set), on which a warm-up length or a stopping epoch can be chosen without the
+    test set. It changes with --seed, as the subset and the noise do. The noise record's realized_rate
+    is then the training part's; holdout_realized_rate the held-out part's."""
     from common import noise as label_noise
 
     data = load_image_dataset(dataset, data_dir)
@@ -235,7 +272,7 @@ def load_noisy_data(dataset: str, data_dir: str, seed: int, noise: str, limit_tr
         subset = np.sort(np.random.default_rng(seed).permutation(n_all)[:limit_train])
     else:
         subset = np.arange(n_all)
-    train_x = data.train_x[subset] if isinstance(data.train_x, torch.Tensor) else [data.train_x[i] for i in subset]
+    train_x = _take(data.train_x, subset)
     clean_y = data.train_y[subset].numpy()
     if noise_file:
         noisy = label_noise.load_noise_file(noise_file, n_all, data.num_classes, noise_column or None)[subset]
@@ -244,12 +281,29 @@ def load_noisy_data(dataset: str, data_dir: str, seed: int, noise: str, limit_tr
     else:
         images = train_x.numpy() if noise.startswith("inst") else None
         noisy, info = label_noise.make_noisy_labels(noise, clean_y, data.num_classes, seed, dataset,
-                                                    images=images, include_true=include_true)
+                                                    images=images, include_true=include_true,
+                                                    inst_pixels=inst_pixels, cifar100_asym=cifar100_asym)
     if data.notes.get("train_labels_are_noisy"):
         info["realized_rate"] = None  # Clothing1M: the true labels of the training set are unknown
     test_n = limit_eval or len(data.test_y)
-    return NoisyData(data, subset, train_x, torch.from_numpy(clean_y), torch.from_numpy(noisy).long(),
-                     data.test_x[:test_n], data.test_y[:test_n], info)
+    out = NoisyData(data, subset, train_x, torch.from_numpy(clean_y), torch.from_numpy(noisy).long(),
+                    data.test_x[:test_n], data.test_y[:test_n], info)
+    return split_holdout(out, holdout, seed) if holdout else out
+
+
+def split_holdout(d: NoisyData, n: int, seed: int) -> NoisyData:
+    """Move `n` samples of the training subset, drawn by `seed` (stream HOLDOUT_STREAM), into `d.holdout`."""
+    if not 0 < n < len(d.noisy_y):
+        raise UsageError(f"--holdout {n}: must be less than the {len(d.noisy_y)} training samples")
+    out = np.sort(np.random.default_rng([seed, HOLDOUT_STREAM]).permutation(len(d.noisy_y))[:n])
+    keep = np.setdiff1d(np.arange(len(d.noisy_y)), out)
+    d.holdout = {"subset": d.subset[out], "x": _take(d.train_x, out), "clean": d.clean_y[out], "noisy": d.noisy_y[out]}
+    d.subset, d.train_x, d.clean_y, d.noisy_y = d.subset[keep], _take(d.train_x, keep), d.clean_y[keep], d.noisy_y[keep]
+    if d.noise_info.get("realized_rate") is not None:
+        d.noise_info["realized_rate"] = float((d.noisy_y != d.clean_y).numpy().mean())
+        d.noise_info["holdout_realized_rate"] = float((d.holdout["noisy"] != d.holdout["clean"]).numpy().mean())
+    d.noise_info["holdout"] = n
+    return d
 
 
 class NoisyImages(torch.utils.data.Dataset):

@@ -10,6 +10,8 @@ to the method script. Normalisation by the data set's mean/std happens inside th
 - `preact_resnet18`: pre-activation ResNet-18 (He et al. 2016), DivideMix's backbone.
 - `resnet50`: torchvision's ImageNet ResNet-50, with ImageNet weights when `pretrained`.
 - `small_cnn`: a 6-conv CNN for 28x28 inputs (Fashion-MNIST CPU runs).
+- `cnn_fc`: conv 64 -> conv 128 -> a fully connected 512 layer, for 28x28 inputs (a CNN with a
+  fully connected head, which memorises noisy labels where small_cnn's global pooling does not).
 
 Text encoders (transformers) are in common/text_models.py.
 """
@@ -22,7 +24,7 @@ import torch.nn.functional as F
 
 from common.utils import MissingError, UsageError, autocast
 
-BACKBONES = ("resnet18", "resnet34", "preact_resnet18", "resnet50", "small_cnn")
+BACKBONES = ("resnet18", "resnet34", "preact_resnet18", "resnet50", "small_cnn", "cnn_fc")
 
 
 class Normalize(nn.Module):
@@ -124,6 +126,26 @@ class SmallCNN(nn.Module):
         return F.adaptive_avg_pool2d(self.features(x), 1).flatten(1)
 
 
+class CNNFC(nn.Module):
+    """Two stages of one 3x3 convolution (64, then 128 channels) with BatchNorm, ReLU and 2x2
+    max-pooling (28 -> 14 -> 7), then flatten (128 x 7 x 7) and a fully connected 512 layer with
+    ReLU, the encoder's output (out_dim 512): 3.3M parameters, almost all in the fully connected
+    layer. For 28x28 inputs (issue 28's reference regime)."""
+
+    def __init__(self, in_ch: int = 1, size: int = 28):
+        super().__init__()
+        layers: list[nn.Module] = []
+        for cin, cout in ((in_ch, 64), (64, 128)):
+            layers += [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+                       nn.MaxPool2d(2)]
+        self.features = nn.Sequential(*layers)
+        self.fc = nn.Linear(128 * (size // 4) ** 2, 512)
+        self.out_dim = 512
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.fc(self.features(x).flatten(1)))
+
+
 class _Backbone(nn.Sequential):
     """Normalize -> encoder, exposing the encoder's out_dim."""
 
@@ -147,6 +169,8 @@ def build_backbone(name: str, in_ch: int = 3, mean_std: tuple | None = None, pre
         enc = CifarResNet(PreActBlock, [2, 2, 2, 2], in_ch, preact=True)
     elif name == "small_cnn":
         enc = SmallCNN(in_ch, width)
+    elif name == "cnn_fc":
+        enc = CNNFC(in_ch)
     else:
         enc = torchvision_resnet50(pretrained)
     return _Backbone(Normalize(mean, std), enc)

@@ -11,8 +11,11 @@ Conventions (see docs/lacol.md, "Paper vs. code"):
   about NN% * (C-1)/C. `include_true=False` gives the Co-teaching transition matrix: each
   sample flips with probability NN% to one of the *other* C-1 classes (realized ~NN%).
 - `asymNN`: within each source class of the mapping, exactly round(NN% * n_c) samples,
-  chosen at random, move to the mapped class.
-- `instNN`: the part-dependent generator of Xia et al. (2020), as used by CDR and PES.
+  chosen at random, move to the mapped class. CIFAR-100 has two mappings (`cifar100_asym`):
+  the next class within its semantic superclass (default), or the next label within its block
+  of 5 consecutive labels (ELR's code: labels 5b..5b+4, cyclic).
+- `instNN`: the part-dependent generator of Xia et al. (2020), as used by CDR and PES, on raw
+  0-255 pixel values as their code does (`inst_pixels="raw"`); `"unit"` divides them by 255.
 """
 
 from __future__ import annotations
@@ -55,10 +58,23 @@ def cifar100_asym_map() -> dict[int, int]:
     return mapping
 
 
-def asym_map(dataset: str) -> dict[int, int]:
+def cifar100_block5_map() -> dict[int, int]:
+    """ELR's code (data_loader/cifar100.py): the 100 labels in 20 blocks of 5 consecutive labels
+    (5b, ..., 5b+4), each label -> the next label of its block, cyclically (5b+4 -> 5b). The labels
+    are in alphabetical order, so a block is not a semantic superclass."""
+    return {c: 5 * (c // 5) + (c + 1) % 5 for c in range(100)}
+
+
+CIFAR100_ASYM = {"superclass": cifar100_asym_map, "block5": cifar100_block5_map}
+
+
+def asym_map(dataset: str, cifar100: str = "superclass") -> dict[int, int]:
+    """The class -> class map of `asymNN`; `cifar100` chooses CIFAR-100's (CIFAR100_ASYM)."""
     maps = {"cifar10": ASYM_CIFAR10, "fashion_mnist": ASYM_FASHION_MNIST}
     if dataset == "cifar100":
-        return cifar100_asym_map()
+        if cifar100 not in CIFAR100_ASYM:
+            raise UsageError(f"--cifar100-asym {cifar100}: allowed are {', '.join(CIFAR100_ASYM)}")
+        return CIFAR100_ASYM[cifar100]()
     if dataset not in maps:
         raise UsageError(f"--noise asym*: no asymmetric mapping for dataset {dataset}; "
                          "allowed for cifar10, cifar100, fashion_mnist")
@@ -98,28 +114,19 @@ def asymmetric_noise(labels: np.ndarray, rate: float, mapping: dict[int, int], s
     return noisy
 
 
-def instance_noise(labels: np.ndarray, images: np.ndarray, rate: float, num_classes: int, seed: int,
-                   sd: float = 0.1) -> np.ndarray:
-    """Instance-dependent noise of Xia et al. (2020) ("part-dependent", PTD).
+INST_PIXELS = {"raw": 1.0, "unit": 255.0}  # instance noise: pixel values as they are (PES/CDR), or / 255
 
-    Per sample: a flip rate q_i from a normal N(rate, sd) truncated to [0, 1]; the scores
-    x_i^T W_{y_i} with x_i the flattened image scaled to [0, 1] and W a random
-    C x D x C Gaussian projection; the true class is excluded, the rest softmax-ed and
-    scaled by q_i, and the true class keeps 1 - q_i. The label is drawn from that
-    distribution. Realized rate ~ rate.
-    """
-    rng = np.random.default_rng(seed)
+
+def instance_flip_targets(labels: np.ndarray, images: np.ndarray, w: np.ndarray, pixels: str = "raw") -> np.ndarray:
+    """Xia et al.'s flip-target distribution [N, C] (float32): for sample i of class y, the softmax
+    over the classes other than y of x_i^T W_y, with x_i the flattened image (raw 0-255 values, or
+    divided by 255 with `pixels="unit"`); 0 at y. Rows sum to 1."""
     labels = np.asarray(labels, dtype=np.int64)
-    n = len(labels)
-    x = np.asarray(images, dtype=np.float32).reshape(n, -1) / 255.0
-    d = x.shape[1]
-    q = rng.normal(rate, sd, size=n)
-    bad = (q < 0) | (q > 1)
-    while bad.any():  # truncation by resampling
-        q[bad] = rng.normal(rate, sd, size=int(bad.sum()))
-        bad = (q < 0) | (q > 1)
-    w = rng.standard_normal((num_classes, d, num_classes)).astype(np.float32)
-    noisy = labels.copy()
+    n, num_classes = len(labels), w.shape[0]
+    x = np.asarray(images, dtype=np.float32).reshape(n, -1)
+    if INST_PIXELS[pixels] != 1.0:
+        x = x / INST_PIXELS[pixels]
+    out = np.zeros((n, num_classes), dtype=np.float32)
     for c in range(num_classes):
         idx = np.flatnonzero(labels == c)
         if len(idx) == 0:
@@ -129,6 +136,40 @@ def instance_noise(labels: np.ndarray, images: np.ndarray, rate: float, num_clas
         scores -= scores.max(axis=1, keepdims=True)
         p = np.exp(scores)
         p /= p.sum(axis=1, keepdims=True)
+        out[idx] = p
+    return out
+
+
+def instance_noise(labels: np.ndarray, images: np.ndarray, rate: float, num_classes: int, seed: int,
+                   sd: float = 0.1, pixels: str = "raw") -> np.ndarray:
+    """Instance-dependent noise of Xia et al. (2020) ("part-dependent", PTD).
+
+    Per sample: a flip rate q_i from a normal N(rate, sd) truncated to [0, 1]; W a random
+    C x D x C Gaussian projection; the flip target drawn from `instance_flip_targets` (scaled by
+    q_i), the true class kept with probability 1 - q_i. Realized rate ~ rate.
+
+    `pixels`: "raw" (default) feeds the 0-255 pixel values, as PES's and CDR's code do
+    (get_instance_noisy_label: the uint8 images cast to float); "unit" divides them by 255 (this
+    code before issue 28). The scores scale with the pixels, so raw values give a sharper softmax:
+    on Fashion-MNIST nearly every sample's flip target is then its top-scoring class.
+    """
+    rng = np.random.default_rng(seed)
+    labels = np.asarray(labels, dtype=np.int64)
+    n = len(labels)
+    d = int(np.prod(np.shape(images)[1:]))
+    q = rng.normal(rate, sd, size=n)
+    bad = (q < 0) | (q > 1)
+    while bad.any():  # truncation by resampling
+        q[bad] = rng.normal(rate, sd, size=int(bad.sum()))
+        bad = (q < 0) | (q > 1)
+    w = rng.standard_normal((num_classes, d, num_classes)).astype(np.float32)
+    targets = instance_flip_targets(labels, images, w, pixels)
+    noisy = labels.copy()
+    for c in range(num_classes):
+        idx = np.flatnonzero(labels == c)
+        if len(idx) == 0:
+            continue
+        p = targets[idx]  # a float32 copy
         p *= q[idx, None]
         p[:, c] = 1.0 - q[idx]
         cum = np.cumsum(p, axis=1)
@@ -193,8 +234,10 @@ def parse_noise(spec: str) -> tuple[str, float]:
 
 
 def make_noisy_labels(spec: str, labels: np.ndarray, num_classes: int, seed: int, dataset: str,
-                      images: np.ndarray | None = None, include_true: bool = True) -> tuple[np.ndarray, dict]:
-    """Apply the noise named by `spec`; returns (noisy labels, info with the realized rate)."""
+                      images: np.ndarray | None = None, include_true: bool = True, inst_pixels: str = "raw",
+                      cifar100_asym: str = "superclass") -> tuple[np.ndarray, dict]:
+    """Apply the noise named by `spec`; returns (noisy labels, info with the realized rate, and
+    `inst_pixels` for instance noise, `cifar100_asym` for CIFAR-100 asymmetric noise)."""
     kind, rate = parse_noise(spec)
     labels = np.asarray(labels, dtype=np.int64)
     if kind == "clean":
@@ -202,11 +245,15 @@ def make_noisy_labels(spec: str, labels: np.ndarray, num_classes: int, seed: int
     elif kind == "sym":
         noisy = symmetric_noise(labels, rate, num_classes, seed, include_true=include_true)
     elif kind == "asym":
-        noisy = asymmetric_noise(labels, rate, asym_map(dataset), seed)
+        noisy = asymmetric_noise(labels, rate, asym_map(dataset, cifar100_asym), seed)
     else:
         if images is None:
             raise UsageError(f"--noise {spec}: instance-dependent noise needs the training images")
-        noisy = instance_noise(labels, images, rate, num_classes, seed)
+        noisy = instance_noise(labels, images, rate, num_classes, seed, pixels=inst_pixels)
     info = {"spec": spec, "kind": kind, "rate": rate, "seed": seed, "include_true": include_true,
             "realized_rate": float((noisy != labels).mean())}
+    if kind == "inst":
+        info["inst_pixels"] = inst_pixels
+    if kind == "asym" and dataset == "cifar100":
+        info["cifar100_asym"] = cifar100_asym
     return noisy, info

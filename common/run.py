@@ -239,3 +239,30 @@ def trained_run(run_dir: str | Path, flag: str, args: Any, same: tuple[str, ...]
                                                                for k in same)
                                + (f" ({why})" if why else ""))
     return saved
+
+
+def epoch_history_summary(history: list[float], metric: str) -> dict:
+    """summary.json's part for a per-epoch evaluation `history`: epochs_done, the last epoch's value
+    (final), the best one with its epoch (an oracle when `history` is test accuracy), the last 10's mean."""
+    best = int(np.argmax(history)) if history else -1
+    return {"epochs_done": len(history), "final": {metric: history[-1] if history else None, "epoch": len(history)},
+            "best": {metric: history[best] if history else None, "epoch": best + 1},
+            "last10_mean": {metric: float(np.mean(history[-10:])) if history else None}}
+
+
+def stages_summary(completed: dict[str, dict], keys: list[str]) -> dict:
+    """summary.json's part for a run of stages (`completed`: stage -> its result, with final and best
+    evaluation records, steps, sentences and train_time_s): each stage's result under "stages", its
+    final and best cut to `keys` and their step; the last stage's final, best and steps; the training
+    throughput over all stages (samples_per_s, step_s)."""
+
+    def pick(rec: dict) -> dict:
+        return {**{k: rec.get(k) for k in keys}, "step": rec.get("step")}
+
+    per_stage = {name: {**res, "final": pick(res["final"]), "best": pick(res["best"])}
+                 for name, res in completed.items()}
+    last = per_stage[list(per_stage)[-1]]
+    train_time = sum(r["train_time_s"] for r in per_stage.values())
+    return {"final": last["final"], "best": last["best"], "stages": per_stage, "steps": last["steps"],
+            "samples_per_s": round(sum(r["sentences"] for r in per_stage.values()) / max(train_time, 1e-9), 2),
+            "step_s": round(train_time / max(sum(r["steps"] for r in per_stage.values()), 1), 4)}

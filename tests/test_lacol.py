@@ -157,6 +157,10 @@ def test_smoke_run_on_fashion_mnist_writes_run_files(tmp_path, fmnist):
     assert recs[3]["l_ls"] + recs[3]["l_ms"] < recs[2]["l_ls"] + recs[2]["l_ms"]
     # selection precision: the selected samples are far cleaner than the data (36% noise)
     assert recs[2]["selected_precision"] > 0.8
+    # per-class selection diagnostics, every LaCoL epoch (none in the warm-up)
+    per_class = ("sel_count_per_class", "sel_precision_per_class", "sel_recall_per_class", "class_weight")
+    assert not set(per_class) & set(recs[1]) and all(len(recs[e][k]) == 10 for e in (2, 3) for k in per_class)
+    assert sum(recs[2]["sel_count_per_class"]) == round(recs[2]["selected_frac"] * 2048)
     summary = json.loads((run / "summary.json").read_text())
     assert summary["best"]["acc"] == max(r["acc"] for r in recs) and summary["final"]["acc"] == recs[-1]["acc"]
     assert 0.3 < summary["noise"]["realized_rate"] < 0.42
@@ -277,3 +281,92 @@ def test_same_seed_same_metrics(tmp_path, fmnist):
 def test_resume_errors(tmp_path):
     r = _run("--resume", str(tmp_path / "nope"))
     assert r.returncode == 3 and "--resume" in r.stderr and "Traceback" not in r.stderr
+
+
+# ---- issue 28: per-class selection diagnostics, --weak-aug, --holdout, the cpu-mem preset, skipped epochs
+def test_selection_per_class_by_hand():
+    from common.diagnostics import selection_per_class
+
+    given = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2])
+    clean = torch.tensor([0, 0, 1, 1, 0, 2, 2, 2])  # wrong given labels: samples 2 and 4
+    sel = torch.tensor([True, False, True, True, True, False, False, False])
+    out = selection_per_class(sel, given, clean, 4)
+    assert out["sel_count_per_class"] == [2, 2, 0, 0]
+    # precision = P(given right | selected, given k): class 0: {0 right, 2 wrong}; class 1: {3 right, 4 wrong}
+    assert out["sel_precision_per_class"] == [0.5, 0.5, None, None]
+    # recall = P(selected | given right, given k): class 0: {0, 1} right, 0 selected; class 1: {3}; class 2: none
+    assert out["sel_recall_per_class"] == [0.5, 1.0, 0.0, None]
+    assert selection_per_class(sel, given, None, 4) == {"sel_count_per_class": [2, 2, 0, 0]}
+
+
+def test_batch_selection_log_by_hand():
+    from common.diagnostics import batch_selection_log, selection_log
+
+    given, clean = torch.tensor([0, 0, 1, 1, 1, 2]), torch.tensor([0, 1, 1, 1, 1, 2])
+    drawn = torch.tensor([1, 1, 0, 1, -1, -1], dtype=torch.int8)  # samples 4, 5 were in no step
+    log = batch_selection_log(drawn, given, clean, 3)
+    assert log["selected_frac"] == 3 / 4 and log["selected_precision"] == 2 / 3
+    assert log["sel_count_per_class"] == [2, 1, 0] and log["sel_recall_per_class"] == [1.0, 0.5, None]
+    assert batch_selection_log(torch.zeros(6, dtype=torch.int8), given, None, 3) == {
+        "selected_frac": 0.0, "sel_count_per_class": [0, 0, 0]}
+    log = selection_log(drawn == 1, given, clean, 3)
+    assert log["selected_frac"] == 0.5 and math.isclose(log["selected_precision"], 2 / 3, rel_tol=1e-6)
+    assert log["sel_precision_per_class"] == [0.5, 1.0, None]
+
+
+def test_weak_aug_none_is_the_identity_and_strong_is_randaugment_alone():
+    x = torch.randint(0, 256, (1, 28, 28), dtype=torch.uint8)
+    weak, strong, test = lacol.make_views("fashion_mnist", 28, 2, 9, "none")
+    assert torch.equal(weak(x), x) and weak(x).dtype == torch.uint8 and torch.equal(test(x), x)
+    assert [type(t).__name__ for t in strong.transforms] == ["Identity", "RandAugment"]
+    torch.manual_seed(0)
+    assert strong(x).dtype == torch.uint8 and any(not torch.equal(strong(x), x) for _ in range(5))
+    crop_flip = lacol.make_views("fashion_mnist", 28, 2, 9)[0]  # the default
+    assert [type(t).__name__ for t in crop_flip.transforms] == ["RandomCrop", "RandomHorizontalFlip"]
+    assert parse_args(lacol.Args, []).weak_aug == "crop_flip"
+
+
+def test_cpu_mem_preset_and_the_cpu_preset_unchanged():
+    a = parse_args(lacol.Args, ["--preset", "cpu-mem"], presets=lacol.PRESETS)
+    want = {"dataset": "fashion_mnist", "backbone": "cnn_fc", "weak_aug": "none", "weight_decay": 0.0,
+            "limit_train": 20000, "epochs": 40, "milestones": [20, 30], "lr": 0.05, "momentum": 0.9,
+            "warmup_epochs": 10, "batch_size": 128, "lr_gamma": 0.1, "holdout": 0, "inst_pixels": "raw"}
+    assert {k: getattr(a, k) for k in want} == want
+    c = parse_args(lacol.Args, ["--preset", "cpu"], presets=lacol.PRESETS)
+    assert (c.backbone, c.weak_aug, c.weight_decay, c.limit_train, c.epochs, c.milestones, c.warmup_epochs, c.lr) == (
+        "small_cnn", "crop_flip", 5e-4, 4000, 20, [12, 17], 4, 0.05)
+
+
+def test_holdout_logs_noisy_accuracy_and_keeps_the_labels(tmp_path, fmnist):
+    common = ["--method", "ce", "--limit-train", "512", "--limit-eval", "100", "--epochs", "2", "--batch-size", "64",
+              "--preset", "cpu-mem", "--num-workers", "0"]
+    lacol.main(_args(tmp_path, *common, "--holdout", "128", "--exp-name", "h"))
+    lacol.main(_args(tmp_path, *common, "--exp-name", "all", "--max-steps", "1"))
+    recs = [json.loads(x) for x in (tmp_path / "h" / "metrics.jsonl").read_text().splitlines()]
+    assert all(0 <= r["holdout_noisy_acc"] <= 100 for r in recs) and len(recs) == 2
+    h, full = np.load(tmp_path / "h" / "labels.npz"), np.load(tmp_path / "all" / "labels.npz")
+    assert len(h["subset"]) == 384 and len(h["holdout_subset"]) == 128 and "holdout_subset" not in full
+    noisy = dict(zip(full["subset"].tolist(), full["noisy"].tolist()))
+    assert [noisy[i] for i in h["subset"].tolist()] == h["noisy"].tolist()
+    assert [noisy[i] for i in h["holdout_subset"].tolist()] == h["holdout_noisy"].tolist()
+    summary = json.loads((tmp_path / "h" / "summary.json").read_text())
+    assert summary["n_train"] == 384 and summary["noise"]["holdout"] == 128
+
+
+def test_every_step_skipped_under_skip_nonfinite_finishes(tmp_path, fmnist, monkeypatch):
+    """A run whose every step has a non-finite loss (--skip-nonfinite): no update, and no KeyError
+    for the missing step count (issue 28: sums["n"]); the epochs are logged without loss terms."""
+    def nan(step):
+        def f(*a, **k):
+            loss, terms, *rest = step(*a, **k)
+            return (loss * float("nan"), {t: v * float("nan") for t, v in terms.items()}, *rest)
+        return f
+    monkeypatch.setattr(lacol, "ce_step", nan(lacol.ce_step))
+    monkeypatch.setattr(lacol, "lacol_step", nan(lacol.lacol_step))
+    for sel in ("epoch", "batch"):
+        s = lacol.main(_args(tmp_path, "--limit-train", "256", "--limit-eval", "100", "--epochs", "2",
+                             "--warmup-epochs", "1", "--batch-size", "64", "--skip-nonfinite", f"--selection={sel}",
+                             "--exp-name", sel))
+        recs = [json.loads(x) for x in (tmp_path / sel / "metrics.jsonl").read_text().splitlines()]
+        assert s["skipped_nonfinite_steps"] == 8 and [r["skipped_nonfinite"] for r in recs] == [4, 8]
+        assert not any(k.startswith("l_") for r in recs for k in r) and 0 <= recs[1]["selected_frac"] <= 1

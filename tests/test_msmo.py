@@ -1,6 +1,6 @@
-"""MSMO: tags, spans and metric; the losses on hand-made tensors; the aligned pairs and the loader
-on the real XABSA files; short runs of every method with a tiny random BERT on the real files;
-resume across teacher training and distillation; bad arguments."""
+"""MSMO: tags, spans and metric (common.text_data, seqeval); the losses on hand-made tensors; the
+aligned pairs and the loader on the real XABSA files; short runs of every method with a tiny random
+BERT on the real files; resume across teacher training and distillation; bad arguments."""
 
 import copy
 import json
@@ -14,15 +14,16 @@ import torch
 import torch.nn.functional as F
 
 import msmo
-from common import utils
-from common.text_data import decode_aspect_spans, load_xabsa
+from common import text_data, utils
+from common.text_data import (decode_aspect_spans, decode_bio, load_xabsa, span_f1, spans_to_tags, tag_list,
+                              tags_to_spans)
 from common.utils import MissingError, parse_args
 
 ROOT = Path(__file__).resolve().parent.parent
-BIEOS = msmo.tag_list("bieos")
+BIEOS = tag_list("bieos")
 IDX = {t: i for i, t in enumerate(BIEOS)}
 
-_real_build = msmo.build_encoder
+_real_build = msmo.xabsa_encoder
 _cache: dict = {}
 
 
@@ -41,7 +42,7 @@ def _fast(monkeypatch):
     """Tiny models run fastest on one thread (two threads on a busy 2-core machine are ~50x slower)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    monkeypatch.setattr(msmo, "build_encoder", _cached_build)
+    monkeypatch.setattr(msmo, "xabsa_encoder", _cached_build)
     yield
     torch.set_num_threads(threads)
 
@@ -53,33 +54,89 @@ def test_t_tags_convert_to_bieos_and_bio_by_hand():
     raw = ["O", "T-POS", "T-POS", "O", "T-NEG", "T-NEU", "T-NEU", "T-NEU", "T-POS"]
     spans = decode_aspect_spans(raw)  # a change of polarity starts a new aspect
     assert spans == [(1, 2, "POS"), (4, 4, "NEG"), (5, 7, "NEU"), (8, 8, "POS")]
-    assert msmo.spans_to_tags(spans, 9, "bieos") == ["O", "B-POS", "E-POS", "O", "S-NEG", "B-NEU", "I-NEU",
+    assert spans_to_tags(spans, 9, "bieos") == ["O", "B-POS", "E-POS", "O", "S-NEG", "B-NEU", "I-NEU",
                                                      "E-NEU", "S-POS"]
-    assert msmo.spans_to_tags(spans, 9, "bio") == ["O", "B-POS", "I-POS", "O", "B-NEG", "B-NEU", "I-NEU",
+    assert spans_to_tags(spans, 9, "bio") == ["O", "B-POS", "I-POS", "O", "B-NEG", "B-NEU", "I-NEU",
                                                    "I-NEU", "B-POS"]
-    assert len(BIEOS) == 13 and BIEOS[0] == "O" and len(msmo.tag_list("bio")) == 7
+    assert len(BIEOS) == 13 and BIEOS[0] == "O" and len(tag_list("bio")) == 7
 
 
 def test_decoders_are_strict():
     tags = ["I-POS", "B-POS", "I-NEG", "O", "B-NEU", "B-NEU", "I-NEU"]
-    assert msmo.decode_bio(tags) == [(4, 4, "NEU"), (5, 6, "NEU")]
-    assert msmo.tags_to_spans(["B-POS", "O", "E-POS", "S-NEG", "B-NEU", "I-POS", "E-NEU"], "bieos") == [(3, 3, "NEG")]
+    assert decode_bio(tags) == [(4, 4, "NEU"), (5, 6, "NEU")]
+    assert tags_to_spans(["B-POS", "O", "E-POS", "S-NEG", "B-NEU", "I-POS", "E-NEU"], "bieos") == [(3, 3, "NEG")]
     # adjacent aspects stay apart in both schemes
     for scheme in ("bieos", "bio"):
         spans = [(0, 0, "POS"), (1, 1, "POS"), (2, 3, "NEG"), (4, 5, "NEG")]
-        assert msmo.tags_to_spans(msmo.spans_to_tags(spans, 6, scheme), scheme) == spans
+        assert tags_to_spans(spans_to_tags(spans, 6, scheme), scheme) == spans
+
+
+def _f1(gold_spans, pred_tags, scheme):
+    """span_f1 on gold spans (as the script: gold word tags from the file's spans)."""
+    return span_f1([spans_to_tags(g, len(p), scheme) for g, p in zip(gold_spans, pred_tags)], pred_tags, scheme)
 
 
 def test_span_f1_by_hand():
     gold = [[(0, 0, "POS"), (3, 4, "NEG")], [(1, 1, "NEU")], []]
     pred = [[(0, 0, "POS"), (3, 4, "POS")], [(1, 1, "NEU"), (2, 2, "POS")], [(0, 1, "NEG")]]
+    pred_tags = [spans_to_tags(p, 5, "bieos") for p in pred]
     # tp 2 (the exact span with the wrong polarity does not count), pred 5, gold 3
     p, r = 2 / 5, 2 / 3
-    res = msmo.span_f1(gold, pred)
-    assert res["precision"] == pytest.approx(100 * p) and res["recall"] == pytest.approx(100 * r)
-    assert res["f1"] == pytest.approx(100 * 2 * p * r / (p + r))
-    assert msmo.span_f1([[]], [[]])["f1"] == 0.0
-    assert msmo.span_f1(gold, gold)["f1"] == pytest.approx(100.0)
+    assert _f1(gold, pred_tags, "bieos") == pytest.approx(100 * 2 * p * r / (p + r))
+    assert span_f1([["O"]], [["O"]], "bieos") == 0.0
+    assert _f1(gold, [spans_to_tags(g, 5, "bieos") for g in gold], "bieos") == pytest.approx(100.0)
+
+
+def _span_f1_by_decoding(gold_spans, pred_tags, scheme):
+    """The span F1 msmo.py computed before seqeval: our strict decoder, then micro P/R/F1 over
+    (begin, end, polarity) sets, in %."""
+    tp = n_gold = n_pred = 0
+    for g, t in zip(gold_spans, pred_tags):
+        g, p = set(g), set(tags_to_spans(t, scheme))
+        tp, n_gold, n_pred = tp + len(g & p), n_gold + len(g), n_pred + len(p)
+    precision = tp / n_pred if n_pred else 0.0
+    recall = tp / n_gold if n_gold else 0.0
+    return 100 * (2 * precision * recall / (precision + recall) if precision + recall else 0.0)
+
+
+ILL_FORMED = [  # predicted BIEOS tags a strict reading must drop or cut, each against gold (1, 2, POS)
+    ["O", "B-POS", "I-POS", "O"],  # B without its E
+    ["O", "I-POS", "E-POS", "O"],  # I ... E without a B
+    ["O", "B-POS", "O", "E-POS"],  # an O inside (XABSA's tag2absa would keep it)
+    ["O", "B-POS", "E-NEG", "O"],  # mixed polarity
+    ["B-POS", "I-NEG", "E-POS", "O"],  # mixed polarity inside
+    ["O", "B-POS", "B-POS", "E-POS"],  # a second B restarts the aspect
+    ["O", "B-POS", "S-POS", "E-POS"],  # S inside an open aspect: S kept, the rest dropped
+    ["E-POS", "S-NEU", "B-NEG", "E-NEG"],  # a lone E, then two good aspects
+    ["O", "B-POS", "E-POS", "O"],  # the right answer
+    ["S-POS", "S-POS", "S-POS", "S-POS"],
+]
+
+
+def test_span_f1_is_seqeval_strict_iobes_on_ill_formed_tags():
+    """Our span F1 and seqeval's strict IOBES mode agree, number for number, on hand-made and
+    random tag sequences, ill-formed ones included; for BIO, seqeval's strict IOB2 differs where
+    the polarity changes inside an aspect, so span_f1 reads BIO with decode_bio first."""
+    from seqeval.metrics import f1_score
+    from seqeval.scheme import IOB2, IOBES
+
+    gold = [[(1, 2, "POS")]] * len(ILL_FORMED)
+    assert _f1(gold, ILL_FORMED, "bieos") == _span_f1_by_decoding(gold, ILL_FORMED, "bieos")
+    for t in ILL_FORMED:  # sentence by sentence too
+        assert _f1([[(1, 2, "POS")]], [t], "bieos") == _span_f1_by_decoding([[(1, 2, "POS")]], [t], "bieos")
+    gen = torch.Generator().manual_seed(0)
+    for scheme in ("bieos", "bio"):
+        tags = tag_list(scheme)
+        for _ in range(20):
+            pred = [[tags[int(i)] for i in torch.randint(len(tags), (int(n),), generator=gen)]
+                    for n in torch.randint(1, 9, (40,), generator=gen)]
+            gold = [tags_to_spans(p, scheme) if k % 3 else [(0, 0, "NEG")] for k, p in enumerate(pred)]
+            assert _f1(gold, pred, scheme) == _span_f1_by_decoding(gold, pred, scheme)
+    bio_gold, bio_pred = [["B-POS", "I-POS", "O"]], [["B-POS", "I-NEG", "O"]]
+    assert f1_score(bio_gold, bio_pred, mode="strict", scheme=IOB2) == 0.0  # seqeval: B-POS alone, a miss
+    assert f1_score([["B-POS", "O", "O"]], bio_pred, mode="strict", scheme=IOB2) == 1.0  # ... and a hit here
+    assert span_f1([["B-POS", "O", "O"]], bio_pred, "bio") == 0.0  # ours: the mixed aspect is dropped
+    assert f1_score([["O", "B-POS", "E-POS"]], [["B-POS", "I-NEG", "E-POS"]], mode="strict", scheme=IOBES) == 0.0
 
 
 @pytest.mark.parametrize("scheme", ["bieos", "bio"])
@@ -91,20 +148,20 @@ def test_encode_decode_round_trip_on_real_sentences(shared_data, scheme):
     tr = load_xabsa("gold-tr-train", shared_data)
     sents += [tr[331], tr[514]]  # the only XABSA sentences with adjacent aspects (of different polarity)
     assert tr[331].spans[:2] == [(2, 2, "POS"), (3, 3, "NEG")] and tr[514].spans[1:3] == [(4, 4, "NEG"), (5, 8, "POS")]
-    enc = msmo.encode_sentences(tok, sents, scheme, max_len=512)
-    tags = msmo.tag_list(scheme)
+    enc = text_data.encode_tagged(tok, sents, scheme, max_len=512)
+    tags = tag_list(scheme)
     n_split = n_multi = 0
     for s, e in zip(sents, enc):
         assert all(p >= 0 for p in e.first) and e.first == sorted(e.first)
         word_tags = [tags[e.labels[p]] for p in e.first]
-        assert msmo.tags_to_spans(word_tags, scheme) == s.spans
+        assert tags_to_spans(word_tags, scheme) == s.spans
         assert sum(y != -100 for y in e.labels) == len(s.tokens)  # one label per word, at its first piece
         n_split += len(e.input_ids) - 2 > len(s.tokens)
         n_multi += any(b < e_ for b, e_, _ in s.spans)
     assert n_split > 100 and n_multi > 30
     # a word cut off by max_len has no position and no label
     longest = max(sents, key=lambda x: len(x.tokens))
-    short = msmo.encode_sentences(tok, [longest], scheme, max_len=6)[0]
+    short = text_data.encode_tagged(tok, [longest], scheme, max_len=6)[0]
     assert short.first.count(-1) > 0 and len(short.input_ids) == 6
 
 
@@ -146,7 +203,7 @@ def test_span_distribution_one_and_three_tokens_by_hand():
     exp.append(1 - sum(exp))
     assert torch.allclose(three, torch.stack(exp))
     # bio: B then I
-    bio_idx = {t: i for i, t in enumerate(msmo.tag_list("bio"))}
+    bio_idx = {t: i for i, t in enumerate(tag_list("bio"))}
     pb = torch.softmax(torch.randn(2, 7), -1)
     got = msmo.span_distribution(pb, bio_idx, "bio")
     assert torch.allclose(got[0], pb[0, bio_idx["B-POS"]] * pb[1, bio_idx["I-POS"]])
@@ -220,16 +277,16 @@ def test_schedules():
 def _step_setup(shared_data, **flags):
     args = parse_args(msmo.Args, ["--preset", "smoke", "--data-dir", str(shared_data),
                                   *[f"--{k.replace('_', '-')}={v}" for k, v in flags.items()]], presets=msmo.PRESETS)
-    data = msmo.load_data(args)
-    encoder, tok = msmo.build_encoder("tiny", args.data_dir, "rest")
+    sentences = msmo.load_data(args)
+    encoder, tok = msmo.xabsa_encoder("tiny", args.data_dir, "rest")
     model = msmo.Tagger(encoder, 13)
-    enc = msmo.encode_data(args, data, tok)
-    src_side = [i for i, s in enumerate(enc["ce_sides"]) if s == 0][:4]
-    tgt_side = [i for i, s in enumerate(enc["ce_sides"]) if s == 1][:4]
-    items = [enc["ce_pool"][i] for i in src_side + tgt_side]
-    sides = [enc["ce_sides"][i] for i in src_side + tgt_side]
-    batch = msmo.make_batch(items, tok.pad_token_id, torch.device("cpu"), sides, enc["pairs"][:3])
-    return args, model, batch, enc, tok
+    data = msmo.encode_data(args, sentences, tok)
+    src_side = [i for i, s in enumerate(data.ce_sides) if s == 0][:4]
+    tgt_side = [i for i, s in enumerate(data.ce_sides) if s == 1][:4]
+    items = [data.ce_pool[i] for i in src_side + tgt_side]
+    sides = [data.ce_sides[i] for i in src_side + tgt_side]
+    batch = text_data.tagging_batch(items, tok.pad_token_id, torch.device("cpu"), sides, data.pairs[:3])
+    return args, model, batch, data, tok
 
 
 def test_critic_weights_stay_clipped_and_the_encoder_runs_once(shared_data):
@@ -251,8 +308,8 @@ def test_critic_weights_stay_clipped_and_the_encoder_runs_once(shared_data):
     expected = terms["l_ce"] + args.lambda_adv * terms["w_gap"] + msmo.resolve_beta(args) * terms["l_cons"]
     assert torch.allclose(loss.detach(), expected)
     # the repository's way: fresh batches per critic step, one encoder pass each side
-    fresh = [(msmo.make_batch(enc["critic_pools"][0][:4], tok.pad_token_id, torch.device("cpu")),
-              msmo.make_batch(enc["critic_pools"][1][:4], tok.pad_token_id, torch.device("cpu")))] * 3
+    fresh = [(text_data.tagging_batch(enc.critic_pools[0][:4], tok.pad_token_id, torch.device("cpu")),
+              text_data.tagging_batch(enc.critic_pools[1][:4], tok.pad_token_id, torch.device("cpu")))] * 3
     calls.clear()
     msmo.msmo_step(model, critic, critic_opt, batch, args, "adv", n_critic=3, fresh=fresh)
     assert len(calls) == 1 + 2 * 3
@@ -286,7 +343,7 @@ def test_aligned_pairs_match_by_content(shared_data, lang):
     en, cs_s = load_xabsa("gold-en-train", shared_data), load_xabsa(f"cs_{lang}-en-train", shared_data)
     smt, cs_t = load_xabsa(f"smt-{lang}-train", shared_data), load_xabsa(f"cs_en-{lang}-train", shared_data)
     for orig, sw in ((en, cs_s), (smt, cs_t)):
-        pairs, stats = msmo.align_codeswitched(orig, sw)
+        pairs, stats = text_data.align_codeswitched(orig, sw)
         assert stats["pairs"] > 0.97 * len(sw) and stats["unmatched"] == 0
         assert len({i for i, _ in pairs}) == len(pairs)  # a source is used once
         for i, j in pairs:
@@ -305,7 +362,7 @@ def test_ambiguous_sources_are_left_out():
 
     orig = [s(["food", "!"], [(0, 0, "POS")]), s(["service", "!"], [(0, 0, "POS")]), s(["ok", "x"], [(1, 1, "NEG")])]
     sw = [s(["nourriture", "!"], [(0, 0, "POS")]), s(["ok", "y", "z"], [(1, 2, "NEG")])]
-    pairs, stats = msmo.align_codeswitched(orig, sw)
+    pairs, stats = text_data.align_codeswitched(orig, sw)
     assert pairs == [(2, 1)] and stats == {"pairs": 1, "ambiguous": 1, "unmatched": 0}
 
 
@@ -390,7 +447,7 @@ def test_resume_across_training_and_distillation(tmp_path, shared_data, monkeypa
         with pytest.raises(killed):
             msmo.main(_args(tmp_path, shared_data, "--exp-name", name, *flags))
         monkeypatch.undo()
-        monkeypatch.setattr(msmo, "build_encoder", _cached_build)
+        monkeypatch.setattr(msmo, "xabsa_encoder", _cached_build)
         assert not (tmp_path / name / "summary.json").exists()
         s = msmo.main(parse_args(msmo.Args, ["--resume", str(tmp_path / name)]))
         recs = _records(tmp_path / name)

@@ -38,6 +38,7 @@ import numpy as np
 import pytest
 import torch
 
+from benchmarks.suites import USCAL_SMOKE
 from common import data as image_data
 from common import utils
 from common.utils import parse_args, shared_data_dir
@@ -49,11 +50,12 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFF
 
 # Tiny configurations (seconds each), with several evaluations so that a kill can land between them.
 CONFIGS = {
-    "lacol": ["--preset", "demo", "--limit-train", "256", "--limit-eval", "200", "--epochs", "3", "--warmup-epochs", "1",
+    "lacol": ["--preset", "demo", "--limit-train", "256", "--limit-eval", "200", "--epochs", "3",
+              "--warmup-epochs", "1",
               "--batch-size", "32", "--milestones", "2", "--num-workers", "0", "--deterministic"],
     "scal": ["--preset", "smoke", "--task", "trec", "--limit-train", "128", "--batch-size", "16", "--epochs", "2",
              "--eval-every", "4", "--max-steps", "1000", "--max-length", "32"],
-    "uscal": ["--preset", "smoke", "--limit-train", "96", "--batch-size", "16", "--epochs", "2", "--eval-every", "4",
+    "uscal": [*USCAL_SMOKE, "--limit-train", "96", "--batch-size", "16", "--epochs", "2", "--eval-every", "4",
               "--max-steps", "1000", "--limit-eval", "30"],
     "conlst": ["--preset", "smoke", "--s0-epochs", "3"],
     "msmo": ["--preset", "smoke", "--steps", "8", "--eval-every", "4", "--distill", "--distill-steps", "12"],
@@ -215,7 +217,8 @@ def test_killed_run_resumes_to_the_same_result(script, choices, reference, tmp_p
     killed_at = torch.load(run / "checkpoint.pt", weights_only=False)["step"] if (run / "checkpoint.pt").exists() \
         else None
     r = resume(script, run)
-    assert r.returncode == 0, f"killed after {n} records + {delay:.2f} s (checkpoint step {killed_at}):\n{r.stderr[-3000:]}"
+    assert r.returncode == 0, \
+        f"killed after {n} records + {delay:.2f} s (checkpoint step {killed_at}):\n{r.stderr[-3000:]}"
     assert_same_as_reference(run, ref)
 
 
@@ -344,7 +347,8 @@ BASE = {"lacol": CONFIGS["lacol"], "scal": CONFIGS["scal"], "uscal": CONFIGS["us
 
 def tree(path: Path) -> dict:
     """Every file under `path` with its size, modification time and content hash."""
-    return {str(f.relative_to(path)): (f.stat().st_size, f.stat().st_mtime_ns, hashlib.sha256(f.read_bytes()).hexdigest())
+    return {str(f.relative_to(path)): (f.stat().st_size, f.stat().st_mtime_ns,
+                                       hashlib.sha256(f.read_bytes()).hexdigest())
             for f in sorted(path.rglob("*")) if f.is_file()}
 
 
@@ -458,11 +462,13 @@ def test_the_table_covers_every_bad_input_of_the_issue():
 # ------------------------------------------------------------------------------------------
 DIVERGE = {  # script -> (loss function made NaN, at its n-th call, arguments, failing step, term, checkpoint step)
     "lacol": ("latent_contrastive_loss_eq2", 2,
-              ["--preset", "demo", "--limit-train", "128", "--limit-eval", "100", "--epochs", "2", "--warmup-epochs", "1",
+              ["--preset", "demo", "--limit-train", "128", "--limit-eval", "100", "--epochs", "2",
+               "--warmup-epochs", "1",
                "--batch-size", "32", "--num-workers", "0"], 5, "l_ms", 4),
-    "scal": ("infonce_eq7", 3, ["--preset", "smoke", "--task", "trec", "--eval-every", "1", "--max-steps", "4"], 2, "l_ct",
+    "scal": ("infonce_eq7", 3, ["--preset", "smoke", "--task", "trec", "--eval-every", "1", "--max-steps", "4"], 2,
+             "l_ct",
              2),
-    "uscal": ("infonce_eq4", 6, ["--preset", "smoke", "--eval-every", "1", "--max-steps", "4"], 2, "l_adv", 2),
+    "uscal": ("infonce_eq4", 6, [*USCAL_SMOKE, "--eval-every", "1", "--max-steps", "4"], 2, "l_adv", 2),
     "conlst": ("ft_step", 3, ["--preset", "smoke", "--s0-epochs", "1", "--s0-eval-every", "1", "--wo-conl", "--wo-st"],
                2, "l_ce", 2),
     "msmo": ("aspect_consistency", 2, ["--preset", "smoke", "--eval-every", "1"], 5, "l_cons", 5),

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 import scal
 from common import text_data
+from common import text_tasks as tasks
 from common.utils import MissingError, UsageError, parse_args, shared_data_dir
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -64,7 +65,7 @@ def tiny_setup():
     encoder, tok = scal.load_model(args, [e.text_a for e in examples])
     torch.manual_seed(0)
     model = scal.SCALModel(encoder, 6).eval()
-    batch = scal.collate(scal.encode_examples(tok, examples, 32), tok, torch.device("cpu"), False)
+    batch = tasks.collate(tasks.encode_examples(tok, examples, 32), tok, torch.device("cpu"), False)
     return model, batch, args
 
 
@@ -155,8 +156,8 @@ def test_roberta_path_without_token_types(tiny_setup):
     texts = ["what is the capital of france ?", "who wrote hamlet ?", "how far is the moon ?"]
     encoder, tok = tiny_encoder(texts, kind="roberta", hidden=32, layers=1, heads=2)
     model = scal.SCALModel(encoder, 6).eval()
-    enc = scal.encode_examples(tok, [text_data.Example(t, None, i) for i, t in enumerate(texts)], 32)
-    batch = {k: v for k, v in scal.collate(enc, tok, torch.device("cpu"), False).items()
+    enc = tasks.encode_examples(tok, [text_data.Example(t, None, i) for i, t in enumerate(texts)], 32)
+    batch = {k: v for k, v in tasks.collate(enc, tok, torch.device("cpu"), False).items()
              if k != "token_type_ids"}
     assert batch["attention_mask"].min() == 0  # padded
     with torch.no_grad():
@@ -173,17 +174,17 @@ def test_roberta_path_without_token_types(tiny_setup):
 # ------------------------------------------------------------------------------------------
 def test_glue_metrics_by_hand():
     pred, gold = np.array([1, 1, 0, 0, 1]), np.array([1, 0, 0, 0, 1])
-    assert scal.accuracy(pred, gold) == pytest.approx(80.0)
-    assert scal.f1_binary(pred, gold) == pytest.approx(100 * 2 * 2 / (2 * 2 + 1 + 0))  # TP 2, FP 1, FN 0
-    assert scal.matthews_corrcoef(pred, gold) == pytest.approx(100 * (2 * 2 - 1 * 0) / math.sqrt(3 * 2 * 2 * 3))
-    assert scal.matthews_corrcoef(np.ones(4, int), np.array([0, 1, 0, 1])) == 0.0  # constant prediction
-    assert scal.pearson(np.array([1.0, 2, 3]), np.array([1.0, 2, 4])) == pytest.approx(100 * 3 / math.sqrt(2 * 14 / 3))
-    assert scal.spearman(np.array([1.0, 2, 3, 4]), np.array([1.0, 3, 2, 4])) == pytest.approx(100 * (1 - 6 * 2 / 60))
-    trec = scal.task_metrics("trec", np.array([0, 1, 2, 2]), np.array([0, 1, 2, 3]))
+    assert tasks.accuracy(pred, gold) == pytest.approx(80.0)
+    assert tasks.f1_binary(pred, gold) == pytest.approx(100 * 2 * 2 / (2 * 2 + 1 + 0))  # TP 2, FP 1, FN 0
+    assert tasks.matthews_corrcoef(pred, gold) == pytest.approx(100 * (2 * 2 - 1 * 0) / math.sqrt(3 * 2 * 2 * 3))
+    assert tasks.matthews_corrcoef(np.ones(4, int), np.array([0, 1, 0, 1])) == 0.0  # constant prediction
+    assert tasks.pearson(np.array([1.0, 2, 3]), np.array([1.0, 2, 4])) == pytest.approx(100 * 3 / math.sqrt(2 * 14 / 3))
+    assert tasks.spearman(np.array([1.0, 2, 3, 4]), np.array([1.0, 3, 2, 4])) == pytest.approx(100 * (1 - 6 * 2 / 60))
+    trec = tasks.task_metrics("trec", np.array([0, 1, 2, 2]), np.array([0, 1, 2, 3]))
     assert trec == {"acc": 75.0, "err": 25.0}
-    assert scal.task_metrics("cola", pred, gold) == {"acc": 80.0, "mcc": pytest.approx(100 * 4 / 6)}
-    assert scal.task_metrics("mrpc", pred, gold) == {"acc": 80.0, "f1": pytest.approx(80.0)}
-    assert set(scal.task_metrics("stsb", pred.astype(float), gold.astype(float))) == {"pearson", "spearman"}
+    assert tasks.task_metrics("cola", pred, gold) == {"acc": 80.0, "mcc": pytest.approx(100 * 4 / 6)}
+    assert tasks.task_metrics("mrpc", pred, gold) == {"acc": 80.0, "f1": pytest.approx(80.0)}
+    assert set(tasks.task_metrics("stsb", pred.astype(float), gold.astype(float))) == {"pearson", "spearman"}
 
 
 def test_multiclass_mcc_matches_the_covariance_definition():
@@ -192,12 +193,13 @@ def test_multiclass_mcc_matches_the_covariance_definition():
     pred = np.where(rng.random(200) < 0.6, gold, rng.integers(0, 3, 200))
     x, y = np.eye(3)[pred], np.eye(3)[gold]
     cov = lambda a, b: np.sum((a - a.mean(0)) * (b - b.mean(0)))  # noqa: E731
-    assert scal.matthews_corrcoef(pred, gold) == pytest.approx(100 * cov(x, y) / math.sqrt(cov(x, x) * cov(y, y)))
+    assert tasks.matthews_corrcoef(pred, gold) == pytest.approx(100 * cov(x, y) / math.sqrt(cov(x, x) * cov(y, y)))
 
 
 def test_sklearn_metrics_equal_the_former_hand_written_formulas():
-    """scal.py's metrics are scikit-learn's; the formulas they replaced give the same values (to 1 ulp:
-    sklearn scales a rounded fraction by 100) and the same 0 / -100 in the edge cases, without warnings."""
+    """scal.py's metrics (common/text_tasks.py) are scikit-learn's; the formulas they replaced give the same
+    values (to 1 ulp: sklearn scales a rounded fraction by 100) and the same 0 / -100 in the edge cases,
+    without warnings."""
     def f1_old(p, g):
         tp, fp, fn = np.sum((p == 1) & (g == 1)), np.sum((p == 1) & (g != 1)), np.sum((p != 1) & (g == 1))
         return 100.0 * 2 * tp / (2 * tp + fp + fn) if tp else 0.0
@@ -210,20 +212,21 @@ def test_sklearn_metrics_equal_the_former_hand_written_formulas():
 
     rng = np.random.default_rng(1)
     cases = [(np.ones(4, int), np.array([0, 1, 0, 1])), (np.zeros(4, int), np.zeros(4, int)),
-             (np.ones(3, int), np.ones(3, int)), (np.array([1, 0]), np.array([0, 1])), (np.zeros(3, int), np.ones(3, int))]
+             (np.ones(3, int), np.ones(3, int)), (np.array([1, 0]), np.array([0, 1])),
+             (np.zeros(3, int), np.ones(3, int))]
     for k, n in [(2, 50), (2, 1000), (3, 200), (6, 500)]:
         gold = rng.integers(0, k, n)
         cases.append((np.where(rng.random(n) < 0.7, gold, rng.integers(0, k, n)), gold))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         for pred, gold in cases:
-            assert scal.accuracy(pred, gold) == 100.0 * np.mean(pred == gold)
-            assert scal.matthews_corrcoef(pred, gold) == pytest.approx(mcc_old(pred, gold), rel=1e-15, abs=0)
+            assert tasks.accuracy(pred, gold) == 100.0 * np.mean(pred == gold)
+            assert tasks.matthews_corrcoef(pred, gold) == pytest.approx(mcc_old(pred, gold), rel=1e-15, abs=0)
             if max(pred.max(), gold.max()) <= 1:
-                assert scal.f1_binary(pred, gold) == pytest.approx(f1_old(pred, gold), rel=1e-15, abs=0)
-    assert scal.matthews_corrcoef(np.array([1, 0]), np.array([0, 1])) == -100.0
+                assert tasks.f1_binary(pred, gold) == pytest.approx(f1_old(pred, gold), rel=1e-15, abs=0)
+    assert tasks.matthews_corrcoef(np.array([1, 0]), np.array([0, 1])) == -100.0
     empty = np.array([], int)
-    assert scal.accuracy(empty, empty) == scal.f1_binary(empty, empty) == scal.matthews_corrcoef(empty, empty) == 0.0
+    assert tasks.accuracy(empty, empty) == tasks.f1_binary(empty, empty) == tasks.matthews_corrcoef(empty, empty) == 0.0
 
 
 # ------------------------------------------------------------------------------------------
@@ -234,24 +237,24 @@ def test_sklearn_metrics_equal_the_former_hand_written_formulas():
     ("cola", "cpu", 2000, "dev", 1043, 2), ("sst2", "cpu", 2000, "dev", 872, 2), ("trec", "cpu", 2000, "test", 500, 6)])
 def test_cpu_protocol_data(shared_data, task, preset, n_train, split, n_eval, n_classes):
     args = parse_args(scal.Args, ["--preset", preset, "--task", task], presets=scal.PRESETS)
-    train, evals, tests = scal.load_task(args, shared_data)
+    train, evals, tests = tasks.load_task(args, shared_data)
     assert len(train) == n_train and not tests
     (name, suffix, parts), = evals
     assert name == split and suffix == "" and sum(len(p) for p in parts) >= n_eval
     assert {e.label for e in train} == set(range(n_classes))
     # the subset is fixed by --subset-seed, not by --seed
-    other = scal.load_task(parse_args(scal.Args, ["--preset", preset, "--task", task, "--seed", "5"],
+    other = tasks.load_task(parse_args(scal.Args, ["--preset", preset, "--task", task, "--seed", "5"],
                                       presets=scal.PRESETS), shared_data)[0]
     assert other == train
 
 
 def test_trec_and_mrpc_full_sizes_and_labels(shared_data):
     args = parse_args(scal.Args, ["--task", "trec", "--source", "local"])
-    train, evals, _ = scal.load_task(args, shared_data)
+    train, evals, _ = tasks.load_task(args, shared_data)
     assert len(train) == 5452 and len(evals[0][2][0]) == 500
     assert text_data.label_names("trec")[train[0].label] == "DESC"  # "DESC:manner How did serfdom develop ..."
     args = parse_args(scal.Args, ["--task", "mrpc", "--source", "local"])
-    train, evals, _ = scal.load_task(args, shared_data)
+    train, evals, _ = tasks.load_task(args, shared_data)
     assert len(train) == 4076 and len(evals[0][2][0]) == 1725 and train[0].text_b is not None
 
 

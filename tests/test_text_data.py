@@ -341,16 +341,20 @@ def test_length_grouped_order_covers_each_example_once_and_groups_by_length():
     assert firsts != sorted(firsts, reverse=True)
 
 
-def test_msmo_batches_resume_exactly_from_state():
-    import msmo
+def test_length_grouped_batches_resume_exactly_from_state():
+    """msmo.py's data streams (common.text_data.LengthGroupedBatches, in BatchStreams for checkpoints)."""
+    from common.text_data import BatchStreams, LengthGroupedBatches
 
     lengths = [(i * 37) % 50 + 1 for i in range(101)]
-    a = msmo.Batches(lengths, 8, seed=3)
+    a = LengthGroupedBatches(lengths, 8, seed=3)
     seen = [a.next() for _ in range(20)]  # crosses a pass boundary (101 items, 8 per batch)
     assert sorted(sum(seen[:13], [])[:101]) == list(range(101))  # the first pass: each item once
-    b = msmo.Batches(lengths, 8, seed=3)
+    b = LengthGroupedBatches(lengths, 8, seed=3)
     for _ in range(7):
         b.next()
-    c = msmo.Batches(lengths, 8, seed=99)
+    c = LengthGroupedBatches(lengths, 8, seed=99)
     c.load_state_dict(b.state_dict())
     assert [c.next() for _ in range(13)] == seen[7:]
+    d = BatchStreams(ce=LengthGroupedBatches(lengths, 8, seed=5))
+    d.load_state_dict(BatchStreams(ce=b).state_dict())
+    assert [d["ce"].next() for _ in range(13)] == seen[7:]

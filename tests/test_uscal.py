@@ -14,7 +14,10 @@ import torch
 import torch.nn.functional as F
 
 import uscal
+from benchmarks.suites import USCAL_SMOKE
 from common import text_data
+from common.text_models import tokenize_batch
+from common.text_tasks import sts_all_aggregation
 from common.utils import UsageError, parse_args, shared_data_dir
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -63,7 +66,7 @@ def test_sts_all_aggregation_is_one_spearman_over_the_concatenation():
     pred = {"a": np.array([0.1, 0.2, 0.3]), "b": np.array([0.9, 0.8, 0.7])}
     gold = {"a": np.array([1.0, 2.0, 3.0]), "b": np.array([4.0, 5.0, 6.0])}
     # per subset: +1 and -1 (mean 0); concatenated ranks: pred 1 2 3 6 5 4 vs gold 1..6, sum d^2 = 8
-    assert uscal.sts_all_aggregation(pred, gold) == pytest.approx(100 * (1 - 6 * 8 / (6 * 35)))
+    assert sts_all_aggregation(pred, gold) == pytest.approx(100 * (1 - 6 * 8 / (6 * 35)))
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +78,7 @@ def tiny():
     encoder, tok = uscal.load_model(args, sents)
     torch.manual_seed(0)
     model = uscal.SimCSEModel(encoder)
-    batch = uscal.tokenize_batch(tok, sents[:16], 24, torch.device("cpu"))
+    batch = tokenize_batch(tok, sents[:16], 24, torch.device("cpu"))
     return model, batch, args
 
 
@@ -128,28 +131,32 @@ def test_the_perturbation_raises_the_contrastive_loss(tiny):
 # ------------------------------------------------------------------------------------------
 # Offline data
 # ------------------------------------------------------------------------------------------
+def _training_sentences(args, data_dir):
+    return text_data.load_unlabelled_sentences(args.train_data, data_dir, args.source, args.limit_train,
+                                               args.subset_seed)[0]
+
+
 def test_offline_training_sentences(shared_data):
     args = parse_args(uscal.Args, ["--train-data", "senteval", "--source", "local"])
-    sents = uscal.load_training_sentences(args, shared_data)
+    sents = _training_sentences(args, shared_data)
     # MR 10,662 + CR 3,771 + SUBJ 10,000 + MPQA 10,603 + STS-B train 2 x 5,749 = 46,534; MPQA's short
     # phrases and STS-B's repeated sentences make 7,517 of them exact duplicates
     assert len(sents) == 39_017
     assert len(set(sents)) == len(sents) and all(s and s == s.strip() for s in sents)
     cpu = parse_args(uscal.Args, ["--preset", "cpu"], presets=uscal.PRESETS)
-    sub = uscal.load_training_sentences(cpu, shared_data)
+    sub = _training_sentences(cpu, shared_data)
     assert len(sub) == 6400 and set(sub) <= set(sents)
     cpu.seed = 7  # the subset depends on --subset-seed only
-    assert uscal.load_training_sentences(cpu, shared_data) == sub
+    assert _training_sentences(cpu, shared_data) == sub
 
 
 def test_sts_sets_have_the_readme_sizes(shared_data):
-    args = parse_args(uscal.Args, ["--source", "local"])
-    tests = uscal.load_sts_sets(args, shared_data, uscal.TEST_SETS)
+    tests = text_data.load_sts_sets(uscal.TEST_SETS, "test", shared_data, "local")
     sizes = {k: sum(len(v) for v in subs.values()) for k, subs in tests.items()}
     assert sizes == {"sts12": 3108, "sts13": 1500, "sts14": 3750, "sts15": 3000, "sts16": 1186, "stsb": 1379,
                      "sickr": 4927}
     assert len(tests["sts12"]) == 5 and len(tests["sts13"]) == 3  # subsets kept apart for the "all" aggregation
-    dev = uscal.load_sts_sets(args, shared_data, ("stsb",), "dev")
+    dev = text_data.load_sts_sets(("stsb",), "dev", shared_data, "local")
     assert sum(len(v) for v in dev["stsb"].values()) == 1500
     assert all(0 <= e.label <= 5 for subs in tests.values() for v in subs.values() for e in v)
 
@@ -158,7 +165,7 @@ def test_sts_sets_have_the_readme_sizes(shared_data):
 # Runs of a tiny random BERT on real offline sentences
 # ------------------------------------------------------------------------------------------
 def _args(out, *extra):
-    return parse_args(uscal.Args, ["--preset", "smoke", "--out-dir", str(out), "--max-steps", "1000",
+    return parse_args(uscal.Args, [*USCAL_SMOKE, "--out-dir", str(out), "--max-steps", "1000",
                                    "--limit-train", "192", "--batch-size", "32", "--epochs", "2",
                                    "--eval-every", "3", "--lr", "1e-3", "--limit-eval", "40", *extra],
                       presets=uscal.PRESETS)
