@@ -42,12 +42,9 @@ confidence diagnostics (Table 4). Training batches are length-grouped, evaluatio
 from __future__ import annotations
 
 import math
-import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -55,11 +52,15 @@ from tqdm import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from common import utils
-from common.back_translate import MBART50_CODES, cache_file, clean, read_translations
+from common.back_translate import MBART50_CODES, bt_pair, load_backtranslations
 from common.run import Run, RunArgs
-from common.text_data import XNLI_LANGS, Example, SourceStream, grouped_order, load_pairs, pass_key, tokenize_pairs
+from common.stages import (CHECKPOINT_KEYS, HANDOFF, Net, Progress, accuracy, check_stop, checkpoint_fields, diagnose,
+                           finish_stage, handoff_file, predict, print_table, record, save, staged_summary, to_device,
+                           train_step, trainable)
+from common.text_data import (SOURCES, XNLI_LANGS, Example, SourceStream, TargetData, XnliData, check_transfer_sizes,
+                              grouped_order, load_xnli_transfer, pass_key, tokenize_pairs)
 from common.text_models import (TrainableState, freeze_word_embeddings, load_encoder, load_trainable, mean_pool,
-                                resolve_pooling, save_trainable, tiny_encoder)
+                                resolve_pooling, tiny_encoder)
 from common.utils import MissingError, UsageError, arg
 
 NUM_CLASSES = 3  # entailment, neutral, contradiction (XNLI, MultiNLI and SNLI share the order)
@@ -72,52 +73,37 @@ class Args(RunArgs):
 
     # -- run (and the flags every script shares: common.run.RunArgs)
     data_dir: str = arg("", "folder of the offline text data (default: $LIS_SHARED_DATA, ./data, ../shared/data)")
-    data_source: str = arg("auto", "auto: local files where present, else the HF hub (also for labels a local "
-                           "split lacks); local; hub", choices=["auto", "local", "hub"])
+    data_source: str = arg("auto", "local where present, else the HF hub (also for missing labels)", choices=SOURCES)
     resume: str = arg("", "run directory to continue from its last checkpoint (any stage, any language); its own"
                       " arguments are used, except --max-steps when given")
-    max_steps: int | None = arg(None, "cap on optimizer steps per training pass (each stage-0 epoch, stage-1 "
-                                "epoch and stage-2 iteration); for smoke tests. Default: no cap")
+    max_steps: int | None = arg(None, "cap on optimizer steps per stage-0/1 epoch and stage-2 iteration (smoke tests)")
     limit_train: int | None = arg(None, "random subset of this many labeled source pairs (default: all)")
-    limit_pool: int | None = arg(None, "random subset of this many unlabeled target pairs (same rows in every "
-                                 "language; default: all)")
-    limit_eval: int | None = arg(None, "fixed random subset of this many pairs of the evaluation and the "
-                                 "English selection sets (the same for every seed; default: all)")
+    limit_pool: int | None = arg(None, "random subset of N unlabeled target pairs (the same rows in every language)")
+    limit_eval: int | None = arg(None, "fixed random subset of the evaluation and selection sets (same for every seed)")
     # -- protocol
     lang: str = arg("", "one target language (XNLI code); short for --langs LANG and takes precedence")
-    langs: list[str] = arg(["all"], "target languages (XNLI codes), or 'all' for the 15; stage 0 is trained "
-                           "once and reused for each")
-    source_task: str = arg("mnli", "labeled English source: mnli (MultiNLI, the paper) or snli (CPU scale)",
-                           choices=["mnli", "snli"])
+    langs: list[str] = arg(["all"], "target languages (XNLI codes) or 'all' (15); stage 0 is trained once for all")
+    source_task: str = arg("mnli", "labeled English source: MultiNLI (the paper) or SNLI", choices=["mnli", "snli"])
     source_splits: list[str] = arg(["train"], "source splits, concatenated (snli locally: dev test)")
-    pool_split: str = arg("dev", "XNLI split of the target language used as unlabeled pool (labels dropped)",
-                          choices=["dev", "test"])
+    pool_split: str = arg("dev", "XNLI split of the unlabeled target pool (labels dropped)", choices=["dev", "test"])
     eval_split: str = arg("test", "XNLI split of the target language that is evaluated", choices=["dev", "test"])
     select_lang: str = arg("en", "language of the model-selection set (English: zero-shot)")
     select_split: str = arg("dev", "XNLI split of the model-selection set", choices=["dev", "test"])
-    stage0_from: str = arg("", "reuse a stage-0 model: a run directory holding stage0.pt, or the file itself "
-                           "(skips stage 0; the model must match --model)")
+    stage0_from: str = arg("", "reuse a stage-0 model (same --model): a run directory with stage0.pt, or the file")
     # -- ablations (Table 3, one flag per row) and pipeline switches
     wo_st: bool = arg(False, "Table 3 'w/o self-training': stages 0 and 1 only (CoNL only)")
-    wo_cl: bool = arg(False, "Table 3 'w/o contrastive learning': stage 1 uses negative learning with "
-                      "cross-entropy (Eq. 1 on the target, Eq. 4 labels) instead of L_CL")
+    wo_cl: bool = arg(False, "Table 3 'w/o contrastive learning': stage 1 uses Eq. 1 on the target instead of L_CL")
     wo_clcs: bool = arg(False, "Table 3 'w/o L_clcs': lambda = 0 in Eq. 8")
     wo_mixup: bool = arg(False, "Table 3 'w/o mixup': stage 2 without mixup views")
     wo_bt: bool = arg(False, "Table 3 'w/o back-translation': stage 2 without back-translated views")
-    wo_conl: bool = arg(False, "skip stage 1 (stage 2 directly on the stage-0 model; not a Table 3 row). "
-                        "With --wo-st: the zero-shot baseline")
-    handoff: str = arg("best", "model a stage hands to the next: its best-English-dev checkpoint or its last",
-                       choices=["best", "last"])
+    wo_conl: bool = arg(False, "skip stage 1 (not a Table 3 row); with --wo-st: the zero-shot baseline")
+    handoff: str = arg("best", "model a stage hands on: its best-English-dev or its last", choices=["best", "last"])
     # -- model
-    model: str = arg("bert-base-multilingual-cased", "encoder: HF hub name or local directory, e5-small "
-                     "(offline multilingual-e5-small), or tiny (random 2-layer model for smoke tests)")
-    pooling: str = arg("auto", "sentence vector: auto (the encoder's pooler if it has one, else mean), pooler, "
-                       "cls, mean", choices=["auto", "pooler", "cls", "mean"])
-    text_prefix: str = arg("auto", "prefix of the premise: auto ('query: ' for e5-small, else none), none, or "
-                           "the text itself")
+    model: str = arg("bert-base-multilingual-cased", "encoder: HF name or directory, e5-small (offline), or tiny")
+    pooling: str = arg("auto", "auto: the encoder's pooler, else mean", choices=["auto", "pooler", "cls", "mean"])
+    text_prefix: str = arg("auto", "premise prefix: auto ('query: ' for e5-small, else none), none, or the text")
     max_length: int = arg(128, "max tokens per pair (premise + hypothesis)")
-    freeze_embeddings: bool = arg(False, "freeze the word-embedding matrix (CPU preset: speed; also leaves the "
-                                  "target-language embeddings as pretrained)")
+    freeze_embeddings: bool = arg(False, "freeze the word embeddings (CPU preset: speed; targets stay pretrained)")
     classifier_dropout: float = arg(0.1, "dropout before the classifier (BertForSequenceClassification's)", lt=1)
     con_dim: int = arg(0, "output size of the linear contrastive head theta_con (0: hidden size)", ge=0)
     max_grad_norm: float = arg(1.0, "gradient-norm clipping in every stage (0: off)")
@@ -138,13 +124,10 @@ class Args(RunArgs):
     gamma: float = arg(0.9, "Eq. 4/5 confidence threshold gamma (not given; Table 4's high bin edge)", gt=0, le=1)
     k_neg: int = arg(8, "Eq. 5: negatives per anchor K (not given)")
     tau: float = arg(1.0, "Eq. 6 temperature (not given; Prototypical Networks use none, i.e. 1)", gt=0)
-    distance: str = arg("sqeuclidean", "Eq. 6 distance: squared Euclidean (Snell et al.) or Euclidean",
-                        choices=["sqeuclidean", "euclidean"])
+    distance: str = arg("sqeuclidean", "Eq. 6 distance (Snell et al.: squared)", choices=["sqeuclidean", "euclidean"])
     con_normalize: bool = arg(False, "L2-normalize the contrastive head's output before the distance")
-    comp_label: str = arg("sample", "Eq. 4 for max q >= gamma: sample one class != argmax q, or use all of them",
-                          choices=["sample", "all"])
-    neg_sharing: str = arg("anchor", "Eq. 5 draws: independent per anchor, or one set per complementary label "
-                           "per batch", choices=["anchor", "batch"])
+    comp_label: str = arg("sample", "Eq. 4, max q >= gamma: one class != argmax q, or all", choices=["sample", "all"])
+    neg_sharing: str = arg("anchor", "Eq. 5 draws per anchor, or per label per batch", choices=["anchor", "batch"])
     lambda_clcs: float = arg(1e-3, "Eq. 8 lambda (paper: 0.001)")
     # -- stage 2 (self-training)
     s2_iterations: int = arg(3, "stage 2: self-training iterations (pseudo-label, select, one pass; not given)")
@@ -157,15 +140,13 @@ class Args(RunArgs):
     flex_warmup: bool = arg(True, "FlexMatch threshold warm-up (unused samples count in the normalizer)")
     mask_ratio: float = arg(0.15, "random masking: probability of masking each token (not given)", lt=1)
     mixup_alpha: float = arg(4.0, "Eq. 11 Beta(alpha, alpha) (paper: 4)", gt=0)
-    bt: str = arg("mbart", "back-translations from: mbart (mBART-50's, written once by python -m "
-                  "common.back_translate), file (--bt-file), off", choices=["mbart", "file", "off"])
+    bt: str = arg("mbart", "mbart (from common.back_translate), file (--bt-file)", choices=["mbart", "file", "off"])
     bt_file: str = arg("", "precomputed back-translations: TSV lines 'original<TAB>back-translation' (any languages)")
     bt_model: str = arg("facebook/mbart-large-50-many-to-many-mmt", "translation model for --bt mbart")
     bt_pivot: str = arg("en", "pivot language of back-translation (for a target equal to it: fr)")
     bt_cache_dir: str = arg("", "where the mBART back-translations are (default: ~/.cache/lis/backtranslation)")
     bt_batch_size: int = arg(32, "sentences per mBART generation batch (of the back-translation command)")
-    keep_models: bool = arg(False, "keep every language's stage-1 and stage-2 models (stage1_LANG.pt, "
-                            "stage2_LANG.pt; large); stage0.pt is always kept")
+    keep_models: bool = arg(False, "keep each language's stage1_LANG.pt and stage2_LANG.pt (large; stage0.pt is kept)")
 
 
 PRESETS = {
@@ -247,97 +228,8 @@ def bt_enabled(args: Args) -> bool:
     return 2 in stages_of(args) and not args.wo_bt and args.bt != "off"
 
 
-# ==== Data: English source, unlabeled target pool, target evaluation set, English selection set ============
-@dataclass
-class TargetData:
-    lang: str
-    pool: list[tuple[str, str]]  # unlabeled: what stages 1 and 2 train on
-    eval: list[Example]  # labelled: evaluation only
-    bt: dict[str, str] | None = None  # back-translation of each pool sentence (where available)
-
-
-@dataclass
-class Data:
-    source: list[Example]
-    select: list[Example]
-    targets: dict[str, TargetData]
-
-
-def _pool_rows(args: Args, lang: str, record: dict | None = None) -> list[Example]:
-    """The pool's rows of the target's XNLI split: the same rows in every language (XNLI is parallel)."""
-    return load_pairs(f"xnli-{lang}", args.pool_split, args.data_dir or None, args.data_source, args.limit_pool,
-                      args.seed, record, f"pool_{lang}", what=" (labels dropped)")
-
-
-def load_data(args: Args, langs: list[str], record: dict | None = None) -> Data:
-    """Every data set of the run; `record` receives the subsets (saved as data_subsets.json). The
-    evaluation and selection subsets are the same for every seed (drawn with 12345)."""
-    where = (args.data_dir or None, args.data_source)
-    source = load_pairs(args.source_task, args.source_splits, *where, args.limit_train, args.seed, record, "source",
-                        labels="labelled", what=" (labelled pairs)")
-    select = load_pairs(f"xnli-{args.select_lang}", args.select_split, *where, args.limit_eval, 12345, record, "select",
-                        labels="required")
-    targets = {lang: TargetData(lang, [(e.text_a, e.text_b) for e in _pool_rows(args, lang, record)],
-                                load_pairs(f"xnli-{lang}", args.eval_split, *where, args.limit_eval, 12345, record,
-                                           f"eval_{lang}", labels="required"))
-               for lang in langs}
-    return Data(source, select, targets)
-
-
-def load_pool_gold_labels_for_analysis_only(args: Args, lang: str) -> torch.Tensor | None:
-    """READS TARGET GOLD LABELS. For the confidence diagnostics (Table 4, Figure 3) only: the
-    labels of the pool rows, or None where the pool split has none (local XNLI test, CPU scale).
-    Nothing that trains or selects a model calls this."""
-    gold = [e.label for e in _pool_rows(args, lang)]
-    return None if any(y == -1 for y in gold) else torch.tensor(gold)
-
-
-def check_sizes(args: Args, data: Data) -> None:
-    """Batch sizes and K against the data the stages that run will see (one line naming the flag)."""
-    n_src = len(data.source)
-    n_pool = min(len(t.pool) for t in data.targets.values())
-    checks = [] if args.stage0_from else [("s0_batch_size", n_src, "labeled source pairs")]
-    if 1 in stages_of(args):
-        checks += [("s1_batch_size", n_pool, "pairs of the unlabeled pool")]
-        checks += [] if args.wo_clcs else [("s1_source_batch_size", n_src, "labeled source pairs")]
-    if 2 in stages_of(args):
-        checks += [("s2_batch_size", n_pool, "pairs of the unlabeled pool"),
-                   ("s2_source_batch_size", n_src, "labeled source pairs")]
-    for name, n, what in checks:
-        if getattr(args, name) > n:
-            raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)}: larger than the {n} {what}")
-    if 1 in stages_of(args) and not args.wo_cl and args.k_neg > n_pool - 1:
-        raise UsageError(f"--k-neg {args.k_neg}: an anchor's negatives are other pairs of the unlabeled pool, "
-                         f"which has {n_pool}; at most {n_pool - 1} are possible")
-
-
-def load_backtranslations(args: Args, lang: str, pool: list[tuple[str, str]]) -> dict[str, str]:
-    """Back-translations of the pool's sentences (keys: whitespace-normalised originals): --bt-file,
-    or for --bt mbart the file `python -m common.back_translate` writes, which must hold every one."""
-    if args.bt == "file":
-        return read_translations(args.bt_file)
-    if lang not in MBART50_CODES:
-        raise MissingError(f"back-translation ({lang}): mBART-50 does not cover this language (the paper used "
-                           "Google Translate); give precomputed ones with --bt file --bt-file PATH, or use --wo-bt")
-    path = cache_file(args.bt_cache_dir, args.bt_model, lang, args.bt_pivot)
-    bt = read_translations(path) if path.is_file() else {}
-    missing = {clean(s) for pair in pool for s in pair} - set(bt)
-    if missing:
-        extra = {"--cache-dir": args.bt_cache_dir, "--data-dir": args.data_dir}
-        cmd = (f"python -m common.back_translate --langs {lang} --split {args.pool_split} --model {args.bt_model} "
-               f"--pivot {args.bt_pivot} --batch-size {args.bt_batch_size} --max-length {args.max_length}"
-               + "".join(f" {k} {v}" for k, v in extra.items() if v))
-        raise MissingError(f"back-translation ({lang}): {path} lacks {len(missing)} of the pool's sentences; write "
-                           f"it with: {cmd} (or give --bt file --bt-file PATH, or --wo-bt)")
-    return bt
-
-
-def bt_pair(bt: dict[str, str] | None, pair: tuple[str, str]) -> tuple[str, str] | None:
-    """The back-translated pair, or None when either sentence has no translation."""
-    if not bt:
-        return None
-    a, b = bt.get(clean(pair[0])), bt.get(clean(pair[1]))
-    return (a, b) if a and b else None
+# ==== Data: common.text_data.load_xnli_transfer (English source, unlabeled target pool, target evaluation set,
+# English selection set); common.back_translate.load_backtranslations (back-translations of the pool) =======
 
 
 # ==== Model: encoder, pooled sentence vector, classifier theta_cl and contrastive head theta_con (linear) ===
@@ -383,44 +275,6 @@ def build_model(args: Args, tiny_texts: list[str]):
     if tok.mask_token_id is None and 2 in stages_of(args):
         raise UsageError(f"--model {args.model}: its tokenizer has no mask token, which random masking needs")
     return model, tok, prefix
-
-
-@dataclass
-class Net:
-    """The model and what the batch builders, the steps and `predict` need around it."""
-
-    model: CoNLSTModel
-    tok: Any
-    prefix: str  # before each premise ("query: " for e5-small)
-    max_length: int
-    device: torch.device
-    amp_dtype: torch.dtype | None = None
-    scaler: Any = None  # torch.amp.GradScaler
-
-
-HANDOFF = "a stage hand-off file of this run"
-
-
-def trainable(model: nn.Module) -> list[nn.Parameter]:
-    return [p for p in model.parameters() if p.requires_grad]
-
-
-def load_stage0_file(args: Args, pooling: str, prefix: str) -> Path:
-    """The stage-0 weights to reuse: a run directory holding stage0.pt, or the file."""
-    path = Path(args.stage0_from)
-    if path.is_dir():
-        path = path / "stage0.pt"
-    if not path.is_file():
-        raise MissingError(f"--stage0-from {args.stage0_from}: no stage0.pt there (train stage 0 once with this "
-                           "script; its run directory holds stage0.pt)")
-    meta = torch.load(path, map_location="cpu", weights_only=False).get("meta", {})
-    for key, mine in (("model", args.model), ("con_dim", args.con_dim), ("pooling", pooling), ("prefix", prefix)):
-        if meta.get(key) != mine:
-            raise UsageError(f"--stage0-from {args.stage0_from}: trained with {key} {meta.get(key)}, "
-                             f"this run uses {mine}")
-    if meta.get("seed") != args.seed:
-        print(f"note: --stage0-from was trained with seed {meta.get('seed')}, this run uses seed {args.seed}")
-    return path
 
 
 # ==== The method: Eq. 4, 5, 6, 1 and 7, FlexMatch thresholds, random masking, mixup (Eq. 9-11) ============
@@ -568,10 +422,6 @@ def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Ten
 
 
 # ==== Batches and steps: each *_step(model, batch, args) -> (loss, terms) is one step's forward and loss ===
-def to_device(enc: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device, non_blocking=True) for k, v in enc.items()}
-
-
 def rows(enc: dict[str, torch.Tensor], index: torch.Tensor) -> dict[str, torch.Tensor]:
     return {k: v[index] for k, v in enc.items()}
 
@@ -670,31 +520,8 @@ def st_step(model: CoNLSTModel, batch: dict, args: Args) -> tuple[torch.Tensor, 
     return l_sup + args.lambda_u * l_u, {"l_sup": l_sup.detach(), "l_u": l_u.detach()}
 
 
-# ==== Prediction, evaluation and the confidence diagnostics ================================================
-@torch.no_grad()
-def predict(net: Net, pairs: list[tuple[str, str]], batch_size: int) -> torch.Tensor:
-    """Class probabilities [N, C] (eval mode, batches sorted by length), on the CPU."""
-    model = net.model
-    was_training = model.training
-    model.eval()
-    order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
-    out = torch.zeros(len(pairs), NUM_CLASSES)
-    for s in range(0, len(order), batch_size):
-        idx = order[s:s + batch_size]
-        enc = to_device(tokenize_pairs(net.tok, [pairs[i] for i in idx], net.prefix, net.max_length), net.device)
-        with utils.autocast(net.device, net.amp_dtype):
-            logits = model(enc)
-        out[idx] = logits.float().softmax(1).cpu()
-    model.train(was_training)
-    return out
-
-
-def accuracy(probs: torch.Tensor, examples: list[Example]) -> float:
-    gold = torch.tensor([e.label for e in examples])
-    return 100.0 * (probs.argmax(1) == gold).float().mean().item()
-
-
-def evaluate(net: Net, data: Data, args: Args, lang: str | None,
+# ==== Evaluation (predict, accuracy and the confidence diagnostics: common.stages) ===========================
+def evaluate(net: Net, data: XnliData, args: Args, lang: str | None,
              en_dev_acc: float | None = None) -> tuple[dict, torch.Tensor | None]:
     """English-dev accuracy (model selection; `en_dev_acc` when already known) and, for a
     language, its evaluation accuracy. Returns (metrics, the evaluation set's probabilities or None)."""
@@ -712,131 +539,16 @@ def evaluate(net: Net, data: Data, args: Args, lang: str | None,
     return out, probs
 
 
-CONFIDENCE_BINS = {"high": "max q > 0.9", "mid": "0.5 <= max q <= 0.9", "low": "max q < 0.5"}
-
-
-def analysis_only_confidence_bins(probs: torch.Tensor, gold: torch.Tensor, n_hist: int = 20) -> dict:
-    """ANALYSIS ONLY (Table 4, Figure 3; the report draws it): pseudo-label accuracy and counts per
-    confidence bin, and histograms of the confidence of correctly (clean) and wrongly (noisy)
-    pseudo-labeled samples. Reads target gold labels; its output never feeds training or model selection."""
-    conf, pred = probs.max(dim=1)
-    correct = pred == gold
-    masks = {"high": conf > 0.9, "low": conf < 0.5}
-    masks["mid"] = ~masks["high"] & ~masks["low"]
-    out: dict[str, Any] = {}
-    for name in ("high", "mid", "low"):
-        m = masks[name]
-        out[name] = {"n": int(m.sum()), "acc": 100.0 * correct[m].float().mean().item() if m.any() else None}
-    out["all"] = {"n": int(len(gold)), "acc": 100.0 * correct.float().mean().item() if len(gold) else None}
-    edges = torch.linspace(0, 1, n_hist + 1)
-    b = torch.bucketize(conf.clamp(0, 1 - 1e-7), edges[1:-1], right=True)
-    out["hist"] = {"edges": [round(x, 4) for x in edges.tolist()],
-                   "clean": torch.bincount(b[correct], minlength=n_hist).tolist(),
-                   "noisy": torch.bincount(b[~correct], minlength=n_hist).tolist()}
-    return out
-
-
-# ==== Training steps, evaluation records, checkpoints, and the three stages ================================
-@dataclass
-class Progress:
-    """What a checkpoint holds besides the weights and random generators (run.save adds those):
-    the position in the plan, the running stage's own state, the counters and the evaluations."""
-
-    plan_pos: int = 0
-    item: dict = field(default_factory=dict)  # the running stage's epoch, batch, pseudo-labels, best record, ...
-    step: int = 0
-    samples: int = 0
-    train_s: float = 0.0  # seconds inside training steps (forward, backward, update)
-    history: list = field(default_factory=list)  # one record per evaluation
-    results: dict = field(default_factory=dict)  # per language: bins, stage-2 statistics
-
-
-def save(run: Run, prog: Progress, opt=None, sched=None) -> None:
-    """checkpoint.pt: everything to continue from this point (the running stage's optimizer and schedule too)."""
-    run.save(optimizer=opt.state_dict() if opt else None, scheduler=sched.state_dict() if sched else None, **vars(prog))
-
-
-def check_stop(run: Run, prog: Progress, opt=None, sched=None) -> None:
-    """After each step: on Ctrl-C / SIGTERM, checkpoint here (prog.item says which batch comes
-    next), say how to continue, exit 130."""
-    if run.stopped:
-        save(run, prog, opt, sched)
-        run.interrupt(f"at step {prog.step}")
-
-
-def train_step(run: Run, net: Net, prog: Progress, opt, sched, step_fn: Callable, batch: dict, n_samples: int) -> float:
-    """Forward (autocast), loss check, backward, clip, optimizer step; returns the loss."""
-    t0 = time.time()
-    with utils.autocast(net.device, net.amp_dtype):
-        loss, terms = step_fn(net.model, batch, run.args)
-    finite = run.finite(loss, prog.step, terms)  # --skip-nonfinite: no backward, no update (the schedule moves on)
-    if finite:
-        opt.zero_grad(set_to_none=True)
-        net.scaler.scale(loss).backward()
-        if run.args.max_grad_norm > 0:
-            net.scaler.unscale_(opt)
-            torch.nn.utils.clip_grad_norm_(trainable(net.model), run.args.max_grad_norm)
-        net.scaler.step(opt)
-        net.scaler.update()
-    if sched is not None:
-        sched.step()
-    prog.step += 1
-    prog.samples += n_samples
-    prog.train_s += time.time() - t0
-    value = loss.item()
-    if finite:
-        run.add({**terms, "loss": value})
-    return value
-
-
-def record_eval(run: Run, net: Net, data: Data, prog: Progress, stage: int, lang: str | None, epoch: float,
+# ==== The three stages (train_step, record, save, check_stop, finish_stage: common.stages) ===================
+def record_eval(run: Run, net: Net, data: XnliData, prog: Progress, stage: int, lang: str | None, epoch: float,
                 extra: dict | None = None, en_dev_acc: float | None = None, keep: bool = True):
-    """Evaluate, write one metrics line, append to the history and (keep) track the stage's best
-    English-dev evaluation (ties: the later one) and its weights; returns (record, eval probs)."""
-    res, probs = evaluate(net, data, run.args, lang, en_dev_acc)
-    rec = {"step": prog.step, "stage": stage, "lang": lang, "epoch": epoch, **res, **run.means(), **(extra or {})}
-    run.log(prog.step, "eval", epoch=epoch, **{k: v for k, v in rec.items() if k not in ("step", "epoch")})
-    prog.history.append(rec)
-    tqdm.write(f"[stage {stage}{' ' + lang if lang else ''}] step {prog.step}  "
-               + "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items()
-                           if k not in ("step", "stage", "lang")))
-    item, best = prog.item, prog.item.get("best")
-    if keep and (run.args.handoff == "last" or best is None or rec["en_dev_acc"] >= best["en_dev_acc"]):
-        item["best"], item["best_probs"] = rec, probs
-        if run.args.handoff == "best":
-            save_trainable(run.dir / "best_in_stage.pt", net.model, {"record": rec})
-    return rec, probs
-
-
-def finish_stage(run: Run, net: Net, prog: Progress, path: Path | None) -> dict:
-    """Every stage hands on its best-English-dev weights (--handoff last: its last ones): put them
-    in the model and, unless None, in `path`."""
-    args, best = run.args, prog.item.get("best")
-    if args.handoff == "best" and best is not None and best["step"] != prog.step:
-        load_trainable(run.dir / "best_in_stage.pt", net.model, HANDOFF)
-    if path is not None:
-        save_trainable(path, net.model, {"record": best, "model": args.model, "pooling": net.model.pooling,
-                                         "prefix": net.prefix, "seed": args.seed, "con_dim": args.con_dim})
-    return best or {}
-
-
-def diagnose(run: Run, net: Net, data: Data, prog: Progress, lang: str, point: str, eval_probs: torch.Tensor | None):
-    """Confidence bins of the current model at `point`: on the pool when its gold labels exist,
-    else on the evaluation set (whose probabilities the last evaluation computed)."""
-    res, target = prog.results.setdefault(lang, {}), data.targets[lang]
-    gold = load_pool_gold_labels_for_analysis_only(run.args, lang)
-    if gold is not None:
-        probs, on = predict(net, target.pool, run.args.eval_batch_size), "pool"
-    else:
-        probs = eval_probs if eval_probs is not None else predict(net, [(e.text_a, e.text_b) for e in target.eval],
-                                                                  run.args.eval_batch_size)
-        gold, on = torch.tensor([e.label for e in target.eval]), "eval"
-    res.setdefault("bins", {})[point] = analysis_only_confidence_bins(probs, gold)
-    res["bins_on"] = on
+    """Evaluate and record it (common.stages.record: metrics line, history, the stage's best); (record, probs)."""
+    evaluated = evaluate(net, data, run.args, lang, en_dev_acc)
+    return record(run, net, prog, evaluated, stage, lang, epoch, extra, keep)
 
 
 # ---- stage 0: English fine-tuning (ours: AdamW, linear warm-up then decay, best English-dev epoch) ----------
-def stage0(run: Run, net: Net, data: Data, prog: Progress, resumed: dict, path: Path) -> None:
+def stage0(run: Run, net: Net, data: XnliData, prog: Progress, resumed: dict, path: Path) -> None:
     args, source, item = run.args, data.source, prog.item
     bs = args.s0_batch_size
     n_batches = math.ceil(len(source) / bs)
@@ -865,11 +577,11 @@ def stage0(run: Run, net: Net, data: Data, prog: Progress, resumed: dict, path: 
         item["epoch"], item["batch"] = epoch + 1, 0
         record_eval(run, net, data, prog, 0, None, epoch + 1, {"lr": sched.get_last_lr()[0]})
         save(run, prog, opt, sched)
-    best = finish_stage(run, net, prog, path)
+    best = finish_stage(run, net, prog, path, con_dim=args.con_dim)
     print(f"stage 0 done: English dev {best.get('en_dev_acc', float('nan')):.2f} (step {best.get('step')}) -> {path}")
 
 
-def zero_shot(run: Run, net: Net, data: Data, prog: Progress, lang: str, stage0_path: Path) -> None:
+def zero_shot(run: Run, net: Net, data: XnliData, prog: Progress, lang: str, stage0_path: Path) -> None:
     """The stage-0 model on a target language (the zero-shot baseline, and Table 4's 'before')."""
     meta = load_trainable(stage0_path, net.model, HANDOFF)
     known = (meta.get("record") or {}).get("en_dev_acc")  # stage 0's own English-dev result
@@ -878,7 +590,8 @@ def zero_shot(run: Run, net: Net, data: Data, prog: Progress, lang: str, stage0_
 
 
 # ---- stage 1: contrastive negative learning (Eq. 4-8) --------------------------------------------------------
-def stage1_conl(run: Run, net: Net, data: Data, prog: Progress, lang: str, resumed: dict, stage0_path: Path) -> None:
+def stage1_conl(run: Run, net: Net, data: XnliData, prog: Progress, lang: str, resumed: dict,
+                stage0_path: Path) -> None:
     args, item, pool = run.args, prog.item, data.targets[lang].pool
     if "probs" not in item:  # fresh start: the stage-0 model's pseudo-labels, fixed for the stage
         load_trainable(stage0_path, net.model, HANDOFF)
@@ -919,7 +632,7 @@ def stage1_conl(run: Run, net: Net, data: Data, prog: Progress, lang: str, resum
         item["epoch"], item["batch"] = epoch + 1, 0
         record_eval(run, net, data, prog, 1, lang, epoch + 1, {"high_conf": stats["high_conf"]})
         save(run, prog, opt)
-    finish_stage(run, net, prog, run.dir / f"stage1_{lang}.pt")
+    finish_stage(run, net, prog, run.dir / f"stage1_{lang}.pt", con_dim=args.con_dim)
     diagnose(run, net, data, prog, lang, "after_stage1", item.get("best_probs"))
 
 
@@ -948,7 +661,7 @@ def plan_iteration(args: Args, net: Net, target: TargetData, item: dict) -> dict
     return {"selected": selected.tolist(), "labels": pred[selected].tolist(), "kinds": choice, "stats": stats}
 
 
-def stage2_self_training(run: Run, net: Net, data: Data, prog: Progress, lang: str, resumed: dict,
+def stage2_self_training(run: Run, net: Net, data: XnliData, prog: Progress, lang: str, resumed: dict,
                          start: Path) -> None:
     args, item, target = run.args, prog.item, data.targets[lang]
     pool = target.pool
@@ -986,62 +699,20 @@ def stage2_self_training(run: Run, net: Net, data: Data, prog: Progress, lang: s
         item["iter"], item["batch"], item["plan"] = it + 1, 0, None
         record_eval(run, net, data, prog, 2, lang, it + 1, {"n_selected": plan["stats"]["n_selected"]})
         save(run, prog, opt)
-    finish_stage(run, net, prog, run.dir / f"stage2_{lang}.pt" if args.keep_models else None)
+    finish_stage(run, net, prog, run.dir / f"stage2_{lang}.pt" if args.keep_models else None, con_dim=args.con_dim)
     diagnose(run, net, data, prog, lang, "after_stage2", item.get("best_probs"))
 
 
 # ==== The summary, main ====================================================================================
-def language_summary(args: Args, prog: Progress, lang: str) -> dict:
-    """Per language: the zero-shot (stage-0) result, each stage's hand-off evaluation, the final
-    (last) evaluation, and 'best' = the best-English-dev evaluation of the last stage run."""
-    recs = [r for r in prog.history if r["lang"] == lang]
-    if not recs:
-        return {}
-    keep = ("acc", "en_dev_acc", "step")
-    out: dict[str, Any] = {"stage0": {k: recs[0][k] for k in keep}}
-    last_stage = max(r["stage"] for r in recs)
-    for s in (1, 2):
-        in_stage = [r for r in recs if r["stage"] == s]
-        if in_stage:
-            pick = max(in_stage, key=lambda r: (r["en_dev_acc"], r["step"])) if args.handoff == "best" else in_stage[-1]
-            out[f"stage{s}"] = {k: pick[k] for k in keep}
-    final_stage = [r for r in recs if r["stage"] == last_stage]
-    out["final"] = {k: recs[-1][k] for k in keep}
-    out["best"] = {k: max(final_stage, key=lambda r: (r["en_dev_acc"], r["step"]))[k] for k in keep}
-    out.update(prog.results.get(lang, {}))
-    return out
-
-
-def build_summary(args: Args, data: Data, prog: Progress, langs: list[str], stage0_path: Path) -> dict:
-    per_lang = {lang: language_summary(args, prog, lang) for lang in langs}
-    done = [lang for lang in langs if per_lang[lang]]
-
-    def mean_of(key: str, metric: str = "acc") -> float | None:
-        vals = [per_lang[lang][key][metric] for lang in done if key in per_lang[lang]]
-        return float(np.mean(vals)) if vals and len(vals) == len(done) else None
-
-    s0 = [r for r in prog.history if r["stage"] == 0 and r["lang"] is None]
-    return {
-        "script": "conlst.py", "method": method_name(args), "dataset": "xnli",
-        "setting": f"{args.source_task}->{'+'.join(langs) if len(langs) < len(XNLI_LANGS) else 'all'}",
-        "seed": args.seed, "primary_metric": "acc", "model": args.model, "langs": langs,
-        "protocol": {"source": f"{args.source_task} {'+'.join(args.source_splits)} ({len(data.source)} pairs)",
-                     "pool": f"xnli {args.pool_split} (labels dropped)", "eval": f"xnli {args.eval_split}",
-                     "select": f"xnli-{args.select_lang} {args.select_split} ({len(data.select)} pairs)",
-                     "back_translation": args.bt if bt_enabled(args) else "off"},
-        "final": {"acc": mean_of("final"), "en_dev_acc": mean_of("final", "en_dev_acc"), "step": prog.step},
-        "best": {"acc": mean_of("best"), "en_dev_acc": mean_of("best", "en_dev_acc"),
-                 "step": per_lang[done[-1]]["best"]["step"] if done else None,
-                 "steps": {lang: per_lang[lang]["best"]["step"] for lang in done}},
-        "avg": {k: mean_of(k) for k in ("stage0", "stage1", "stage2", "final", "best")},
-        "per_lang": per_lang,
-        "stage0": {"path": str(stage0_path), "evals": [{k: r[k] for k in ("step", "epoch", "en_dev_acc")} for r in s0]},
-        "steps": prog.step, "samples_per_s": round(prog.samples / max(prog.train_s, 1e-9), 2),
-    }  # run.finish / run.write_summary add wall_s and skipped_nonfinite_steps
-
-
-CHECKPOINT_KEYS = ("model", "scaler", "rng", "step", "plan_pos", "item", "history", "results", "samples", "train_s",
-                   "wall_s")
+def build_summary(args: Args, data: XnliData, prog: Progress, langs: list[str], stage0_path: Path) -> dict:
+    head = {"script": "conlst.py", "method": method_name(args), "dataset": "xnli",
+            "setting": f"{args.source_task}->{'+'.join(langs) if len(langs) < len(XNLI_LANGS) else 'all'}",
+            "seed": args.seed, "primary_metric": "acc", "model": args.model, "langs": langs,
+            "protocol": {"source": f"{args.source_task} {'+'.join(args.source_splits)} ({len(data.source)} pairs)",
+                         "pool": f"xnli {args.pool_split} (labels dropped)", "eval": f"xnli {args.eval_split}",
+                         "select": f"xnli-{args.select_lang} {args.select_split} ({len(data.select)} pairs)",
+                         "back_translation": args.bt if bt_enabled(args) else "off"}}
+    return staged_summary(head, args.handoff, prog, langs, stage0_path)
 
 
 def main(args: Args) -> dict:
@@ -1054,15 +725,16 @@ def main(args: Args) -> dict:
 
     # ---- data, back-translations, model (before the run directory: a failure writes nothing)
     data_record: dict = {}
-    data = load_data(args, langs, data_record)
-    check_sizes(args, data)
+    data = load_xnli_transfer(args, langs, data_record)
+    check_transfer_sizes(args, data, stages_of(args))
     model, tok, prefix = build_model(args, [s for e in data.source for s in (e.text_a, e.text_b)]
                                      + [s for t in data.targets.values() for p in t.pool for s in p])
     model.to(device)
     if bt_enabled(args):
         for lang in langs:
             data.targets[lang].bt = load_backtranslations(args, lang, data.targets[lang].pool)
-    stage0_file = load_stage0_file(args, model.pooling, prefix) if args.stage0_from else None
+    stage0_file = handoff_file("--stage0-from", args.stage0_from, "stage0.pt", args.seed, model=args.model,
+                               con_dim=args.con_dim, pooling=model.pooling, prefix=prefix) if args.stage0_from else None
     net = Net(model, tok, prefix, args.max_length, device, amp_dtype, torch.amp.GradScaler(device.type,
                                                                                             enabled=use_scaler))
 
@@ -1071,7 +743,7 @@ def main(args: Args) -> dict:
     for lang in langs:
         plan += [("zs", lang)] + [(f"s{s}", lang) for s in stages_of(args)]
     ckpt = run.restore(model=TrainableState(model, f"--resume {args.resume}"), scaler=net.scaler)  # {}: a new run
-    prog = Progress(**{f.name: ckpt[f.name] for f in fields(Progress)}) if ckpt else Progress()
+    prog = Progress(**checkpoint_fields(ckpt)) if ckpt else Progress()
     start = prog.plan_pos
     if not isinstance(start, int) or not 0 <= start <= len(plan):
         raise MissingError(f"--resume {args.resume}: checkpoint.pt does not fit this run (plan item {start})")
@@ -1108,12 +780,7 @@ def main(args: Args) -> dict:
     (run.dir / "best_in_stage.pt").unlink(missing_ok=True)
 
     summary = run.finish(build_summary(args, data, prog, langs, stage0_path))
-    print("lang   zero-shot  " + "  ".join(f"stage{s}" for s in stages_of(args)) + "   best(en-dev sel.)")
-    for lang in langs:
-        r = summary["per_lang"][lang]
-        cols = "  ".join(f"{r[f'stage{s}']['acc']:6.2f}" for s in stages_of(args))
-        print(f"{lang:5s}  {r['stage0']['acc']:8.2f}  {cols}   {r['best']['acc']:6.2f}")
-    print(f"done: average best {summary['best']['acc']:.2f}  ->  {run.dir}/summary.json")
+    print_table(summary, stages_of(args), run.dir)
     return summary
 
 

@@ -40,12 +40,12 @@ from tqdm import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from common import utils
-from common.run import Run, RunArgs, trained_run
-from common.text_data import (POLARITIES, XABSA_LANGS, XABSA_TARGETS, AbsaSentence, AlignedPair, BatchStreams,
-                              EncodedSentence, LengthGroupedBatches, aligned_pairs, encode_tagged, load_xabsa_first,
-                              span_f1, spans_to_tags, tag_list, tagging_batch)
-from common.text_models import (TrainableState, freeze_word_embeddings, load_trainable_state, tagger_logits,
-                                trainable_state, xabsa_encoder)
+from common.run import Run, RunArgs, stages_summary, trained_run
+from common.text_data import (POLARITIES, XABSA_LANGS, XABSA_TARGETS, AcsData, BatchStreams, EncodedSentence,
+                              LengthGroupedBatches, check_acs_sizes, encode_acs_data, load_acs_data, span_f1,
+                              tag_list, tagging_batch)
+from common.text_models import (GradReverse, TrainableState, freeze_word_embeddings, load_trainable_state,
+                                tagger_logits, tagger_softmax, trainable_state, xabsa_encoder)
 from common.utils import MissingError, UsageError, arg
 
 METHODS = ("msmo", "acs", "zero_shot", "supervised", "distill")
@@ -87,8 +87,7 @@ class Args(RunArgs):
     select_from: int = arg(1500, "model selection: best dev F1 among evaluations at step >= N", ge=0)
     select_dev: str = arg("auto", "dev set for model selection: en, target, or auto (target for supervised, "
                                   "else English)", choices=["auto", "en", "target"])
-    test_every_eval: bool = arg(False, "evaluate the test sets at every evaluation (default: at each new best "
-                                       "and at the last one)")
+    test_every_eval: bool = arg(False, "evaluate the test sets at every evaluation (default: each new best, the last)")
     # -- MSMO: sentence level
     adv: bool = arg(True, "msmo: the sentence-level adversarial objective (--no-adv: ablation)")
     adversary: str = arg("wgan", "wgan: Wasserstein critic (repository); grl: language classifier behind "
@@ -108,8 +107,7 @@ class Args(RunArgs):
                                         "smt-XX (repository)")
     # -- MSMO: aspect level and schedule
     cons: bool = arg(True, "msmo: the aspect-level consistency objective (--no-cons: ablation)")
-    beta: float | None = arg(None, "weight of the consistency term (default: per backbone and language, "
-                                   "--beta-table)")
+    beta: float | None = arg(None, "weight of the consistency term (default: per backbone and language, --beta-table)")
     beta_table: str = arg("auto", "which per-language beta table: mbert, xlmr, auto (xlmr for xlm-roberta "
                                   "models, else mbert)", choices=["auto", "mbert", "xlmr"])
     cons_batch: int = arg(16, "aligned sentence pairs per consistency batch")
@@ -180,100 +178,8 @@ def resolve_beta(args: Args) -> float:
     return BETA_TABLE[table][args.lang]
 
 
-# ==== Data: XABSA files, sub-token encoding, aligned code-switched pairs =============================
-#: The XABSA files a method trains on: role -> file name pattern.
-ROLE_FILES = {"en": "gold-en-train", "smt": "smt-{lang}-train", "cs_tgt_ctx": "cs_en-{lang}-train",
-              "cs_en_ctx": "cs_{lang}-en-train", "gold_tgt": "gold-{lang}-train"}
-#: Critic side of each ACS file: 0 source (English context), 1 target (target-language context).
-ROLE_SIDE = {"en": 0, "cs_en_ctx": 0, "smt": 1, "cs_tgt_ctx": 1}
-#: The files each method's tagging CE trains on: the "four mixed datasets" of ACS [summary, xabsa].
-METHOD_ROLES = {"zero_shot": ["en"], "acs": ["en", "smt", "cs_tgt_ctx", "cs_en_ctx"],
-                "msmo": ["en", "smt", "cs_tgt_ctx", "cs_en_ctx"], "supervised": ["gold_tgt"], "distill": []}
-
-
-def training_roles(args: Args) -> list[str]:
-    """The method's files, and gold-XX-train for the student (its text, unlabeled) when distilling."""
-    student = ["gold_tgt"] if args.method == "distill" or args.distill else []
-    return list(dict.fromkeys(METHOD_ROLES[args.method] + student))
-
-
-def load_data(args: Args, record: dict | None = None) -> dict:
-    """All sentences a run needs, as AbsaSentence lists (limits applied). `record`, when given,
-    receives the sentences used of each file (the first N; saved as data_subsets.json)."""
-    files: dict[str, dict] = {}
-
-    def load(name: str, limit: int | None) -> list[AbsaSentence]:
-        return load_xabsa_first(name, limit, args.data_dir or None, args.domain, files)
-
-    train = {role: load(ROLE_FILES[role].format(lang=args.lang), args.limit_train) for role in training_roles(args)}
-    target = args.select_dev == "target" or (args.select_dev == "auto" and args.method == "supervised")
-    dev_lang = args.lang if target else "en"  # selection on English dev, supervised on target dev [repo]
-    dev = load(f"gold-{dev_lang}-dev", args.limit_eval)
-    tests = {lang: load(f"gold-{lang}-test", args.limit_eval) for lang in args.eval_langs or [args.lang]}
-    if record is not None:
-        record.update({"domain": args.domain, "files": files})
-    return {"train": train, "dev": dev, "dev_lang": dev_lang, "tests": tests}
-
-
-@dataclass
-class Data:
-    """What a run trains and evaluates on, encoded (encode_data)."""
-
-    ce_pool: list[EncodedSentence]  # the tagging-CE training sentences (the ACS mixture, or one file)
-    ce_sides: list[int]  # per CE sentence, its critic side: 0 source, 1 target, -1 not fed to the critic
-    critic_pools: tuple[list[EncodedSentence], list[EncodedSentence]]  # the source-side and target-side CE sentences
-    pairs: list[AlignedPair]  # aligned code-switched pairs with aspects (msmo)
-    pair_stats: dict
-    unlabeled: list[EncodedSentence]  # gold-XX-train, its labels unused (distillation)
-    dev: list[EncodedSentence]
-    dev_tags: list[list[str]]  # gold word tags
-    tests: dict[str, list[EncodedSentence]]
-    test_tags: dict[str, list[list[str]]]
-    dev_lang: str
-    pad_id: int
-
-
-def encode_data(args: Args, data: dict, tokenizer: Any) -> Data:
-    """Encode every set; build the CE pool (with critic sides), the critic pools and the pairs."""
-    enc = {role: encode_tagged(tokenizer, s, args.tagging, args.max_len) for role, s in data["train"].items()}
-    dev = encode_tagged(tokenizer, data["dev"], args.tagging, args.max_len)
-    tests = {k: encode_tagged(tokenizer, v, args.tagging, args.max_len) for k, v in data["tests"].items()}
-    pool, sides = [], []
-    for role in METHOD_ROLES[args.method]:
-        side = ROLE_SIDE.get(role, -1)
-        if role.startswith("cs_") and not args.critic_codeswitch:
-            side = -1  # the repository's critic sees only gold-en vs smt-XX
-        pool += enc[role]
-        sides += [side] * len(enc[role])
-    pairs, stats = [], {}
-    if args.method == "msmo":
-        tr = data["train"]
-        if args.cons_pairs in ("both", "source"):
-            p, stats["source"] = aligned_pairs(tr["en"], enc["en"], tr["cs_en_ctx"], enc["cs_en_ctx"])
-            pairs += p
-        if args.cons_pairs in ("both", "target"):
-            p, stats["target"] = aligned_pairs(tr["smt"], enc["smt"], tr["cs_tgt_ctx"], enc["cs_tgt_ctx"])
-            pairs += p
-
-    def gold(sents: list[AbsaSentence]) -> list[list[str]]:  # the file's own spans: a word cut off is a miss
-        return [spans_to_tags(s.spans, len(s.tokens), args.tagging) for s in sents]
-
-    return Data(pool, sides, ([e for e, s in zip(pool, sides) if s == 0], [e for e, s in zip(pool, sides) if s == 1]),
-                pairs, stats, enc.get("gold_tgt", []), dev, gold(data["dev"]), tests,
-                {k: gold(v) for k, v in data["tests"].items()}, data["dev_lang"], tokenizer.pad_token_id)
-
-
-def check_sizes(args: Args, data: Data) -> None:
-    """The batch sizes fit the data (else one line naming the flag)."""
-    if args.method != "distill" and not data.ce_pool:
-        raise UsageError(f"--method {args.method}: no training sentences")
-    if args.method != "distill" and args.batch_size > len(data.ce_pool):
-        raise UsageError(f"--batch-size {args.batch_size}: larger than the {len(data.ce_pool)} training sentences")
-    if (args.method == "distill" or args.distill) and args.batch_size > len(data.unlabeled):
-        raise UsageError(f"--batch-size {args.batch_size}: larger than the {len(data.unlabeled)} unlabeled "
-                         f"gold-{args.lang}-train sentences of the distillation")
-    if args.method == "msmo" and args.cons and data.pairs and args.cons_batch > len(data.pairs):
-        raise UsageError(f"--cons-batch {args.cons_batch}: larger than the {len(data.pairs)} aligned sentence pairs")
+# ==== Data: the ACS mixture, its critic sides and the aligned code-switched pairs come from
+# common.text_data (load_acs_data, encode_acs_data, check_acs_sizes; AcsData)
 
 
 # ==== Model: encoder + linear tagger; the language critic ============================================
@@ -347,19 +253,6 @@ def language_bce(logit_src: torch.Tensor, mask_src: torch.Tensor, logit_tgt: tor
     l_src = F.binary_cross_entropy_with_logits(logit_src, torch.ones_like(logit_src), reduction="none")
     l_tgt = F.binary_cross_entropy_with_logits(logit_tgt, torch.zeros_like(logit_tgt), reduction="none")
     return 0.5 * (masked_token_mean(l_src, mask_src) + masked_token_mean(l_tgt, mask_tgt))
-
-
-class GradReverse(torch.autograd.Function):
-    """Identity forward; the gradient multiplied by -coeff backward (gradient reversal)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, coeff: float) -> torch.Tensor:
-        ctx.coeff = coeff
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return -ctx.coeff * grad, None
 
 
 def span_distribution(tok_probs: torch.Tensor, tag_index: dict[str, int], scheme: str,
@@ -529,7 +422,7 @@ def evaluate_f1(model: Tagger, encoded: list[EncodedSentence], gold_tags: list[l
     return span_f1(gold_tags, pred, scheme)
 
 
-def test_scores(model: Tagger, data: Data, scheme: str, device: torch.device, amp_dtype: torch.dtype | None) -> dict:
+def test_scores(model: Tagger, data: AcsData, scheme: str, device: torch.device, amp_dtype: torch.dtype | None) -> dict:
     """f1_<lang> per test set, and f1_avg when there are several."""
     res = {f"f1_{lang}": evaluate_f1(model, enc, data.test_tags[lang], scheme, data.pad_id, device, amp_dtype)
            for lang, enc in data.tests.items()}
@@ -539,7 +432,7 @@ def test_scores(model: Tagger, data: Data, scheme: str, device: torch.device, am
 
 
 # ==== Distillation: the teachers =====================================================================
-def teacher_targets(args: Args, files: list[Path], data: Data, device: torch.device,
+def teacher_targets(args: Args, files: list[Path], data: AcsData, device: torch.device,
                     amp_dtype: torch.dtype | None) -> list[torch.Tensor]:
     """The distillation targets: per unlabeled sentence, the equal-weight mean of the teachers'
     softmax (eval mode, no temperature; [T_i, C] on the CPU), computed once [xabsa/repo]."""
@@ -548,12 +441,7 @@ def teacher_targets(args: Args, files: list[Path], data: Data, device: torch.dev
         teacher = Tagger(xabsa_encoder(args.model, args.data_dir, args.domain)[0], len(tag_list(args.tagging)))
         load_trainable_state(teacher, torch.load(f, map_location="cpu", weights_only=False)["model"], f"teacher {f}")
         teacher.to(device).eval()
-        probs: list[torch.Tensor] = [torch.empty(0)] * len(data.unlabeled)
-        for idx, logits in tagger_logits(teacher, data.unlabeled, data.pad_id, device, amp_dtype):
-            p = logits.float().softmax(-1).cpu()
-            for k, i in enumerate(idx):
-                probs[i] = p[k, : len(data.unlabeled[i].input_ids)]
-        per_teacher.append(probs)
+        per_teacher.append(tagger_softmax(teacher, data.unlabeled, data.pad_id, device, amp_dtype))
         del teacher
     return average_teacher_probs(per_teacher)
 
@@ -574,7 +462,7 @@ class Stage:
     samplers: BatchStreams
 
 
-def make_stage(args: Args, stage: str, model: Tagger, data: Data, device: torch.device, use_scaler: bool) -> Stage:
+def make_stage(args: Args, stage: str, model: Tagger, data: AcsData, device: torch.device, use_scaler: bool) -> Stage:
     """Adam (no weight decay), no warm-up, linear decay to 0 over the stage's steps [repo]; the
     tagger head at --head-lr [ours, CPU preset]; the critic with its own Adam at --critic-lr [repo];
     length-grouped samplers seeded per stage."""
@@ -604,7 +492,7 @@ def make_stage(args: Args, stage: str, model: Tagger, data: Data, device: torch.
     return Stage(opt, sched, scaler, body + head, critic, critic_opt, pool, sides, samplers)
 
 
-def run_stage(run: Run, stage: str, model: Tagger, data: Data, device: torch.device, amp: torch.dtype | None,
+def run_stage(run: Run, stage: str, model: Tagger, data: AcsData, device: torch.device, amp: torch.dtype | None,
               use_scaler: bool, offset: int, completed: dict, targets: list[torch.Tensor] | None = None) -> dict:
     """The training loop of one stage ("train": teacher training / baselines; "distill": the
     student). Evaluates every --eval-every steps and at the end, keeps the selected model (best dev F1
@@ -731,7 +619,7 @@ def main(args: Args) -> dict:
 
     # ---- data, model and teachers (before the run directory exists: a failure writes nothing)
     record: dict = {}
-    sentences = load_data(args, record)
+    sentences = load_acs_data(args, record)
     why = "teachers and student must share tokenizer and tags"
     for d in args.teachers:
         trained_run(d, "--teachers", args, ("model", "tagging"), why=why)
@@ -742,8 +630,8 @@ def main(args: Args) -> dict:
     if args.freeze_embeddings:
         freeze_word_embeddings(model)
     model.to(device)
-    data = encode_data(args, sentences, tokenizer)
-    check_sizes(args, data)
+    data = encode_acs_data(args, sentences, tokenizer)
+    check_acs_sizes(args, data)
     stages = ["distill"] if args.method == "distill" else ["train", "distill"] if args.distill else ["train"]
     ckpt = run.state  # the checkpoint being resumed, None for a new run
     if ckpt is not None and ckpt["stage"] not in stages:
@@ -784,23 +672,12 @@ def main(args: Args) -> dict:
     # ---- summary: final and best of the last stage; each stage's own under "stages"
     eval_langs = args.eval_langs or [args.lang]
     keys = ["dev_f1"] + [f"f1_{lang}" for lang in eval_langs] + (["f1_avg"] if len(eval_langs) > 1 else [])
-
-    def pick(rec: dict) -> dict:
-        return {**{k: rec.get(k) for k in keys}, "step": rec.get("step")}
-
-    per_stage = {name: {**res, "final": pick(res["final"]), "best": pick(res["best"])}
-                 for name, res in completed.items()}
-    last = per_stage[stages[-1]]
-    train_time = sum(r["train_time_s"] for r in per_stage.values())
     summary = run.finish({
         "script": "msmo.py", "method": method_label(args), "dataset": f"xabsa_{args.domain}",
         "setting": f"en-{args.lang}", "seed": args.seed, "model": args.model, "tagging": args.tagging,
         "primary_metric": "f1_avg" if len(eval_langs) > 1 else f"f1_{eval_langs[0]}",
-        "final": last["final"], "best": last["best"],
+        **stages_summary(completed, keys), "pairs": data.pair_stats, "beta": beta,
         "selection": {"dev": data.dev_lang, "from_step": args.select_from if stages[-1] == "train" else 0},
-        "stages": per_stage, "steps": last["steps"], "pairs": data.pair_stats, "beta": beta,
-        "samples_per_s": round(sum(r["sentences"] for r in per_stage.values()) / max(train_time, 1e-9), 2),
-        "step_s": round(train_time / max(sum(r["steps"] for r in per_stage.values()), 1), 4),
         "process_wall_s": round(time.time() - t_start, 2),
     })
     print(f"done: final {summary['final']}  best {summary['best']}  ->  {run.dir}/summary.json")

@@ -14,7 +14,7 @@ baselines), evaluation (clean and under attack), the training loop.
     python scal.py --preset roberta-base --task sst2        # RoBERTa-base, batch 16
     python scal.py --preset cpu --task trec --seed 0        # CPU-scale protocol (MiniLM-L6; CoLA, SST-2, TREC)
     python scal.py --preset cpu-pairs --task rte --seed 0   # the same for the pair tasks (RTE, MRPC)
-    python scal.py --preset smoke --task rte                # a tiny random model for a few steps
+    python scal.py --model tiny --task rte --max-steps 3    # a tiny random model for a few steps
 
 Per step, for a batch of (x, y) (Sec. 3.3):
 
@@ -130,9 +130,6 @@ PRESETS = {
                           "the first 1,000 evaluation pairs (MRPC's MSR test has 1,725)",
                   "model": "minilm-l6", "source": "local", "limit_train": 800, "epochs": 3, "patience": 0,
                   "limit_eval": 1000},
-    "smoke": {"_doc": "a tiny random BERT, 64-example subset, 3 steps: checks that everything runs",
-              "model": "tiny", "source": "local", "limit_train": 64, "limit_eval": 64, "epochs": 1, "max_steps": 3,
-              "batch_size": 16, "max_length": 64},
 }
 
 

@@ -36,12 +36,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
-from transformers import get_linear_schedule_with_warmup
 
 from common import text_data
 from common import utils
 from common.run import Run, RunArgs
-from common.text_models import SENTENCE_POOLINGS, encode_sentences, load_encoder, tiny_encoder, tokenize_batch
+from common.text_models import (SENTENCE_POOLINGS, encode_sentences, load_encoder, make_optimizer, tiny_encoder,
+                                 tokenize_batch)
 from common.text_tasks import sts_spearman
 from common.utils import UsageError, arg
 
@@ -255,18 +255,6 @@ def export_and_test(model: SimCSEModel, tokenizer, run_dir: Path, test_sets: dic
 # =========================================================================================
 # Training
 # =========================================================================================
-def make_optimizer(model: nn.Module, args: Args, total_steps: int):
-    """AdamW, no weight decay on biases and LayerNorm weights; transformers' linear warm-up over --warmup-ratio
-    of the steps, then linear decay to 0 (Sec. 4.1; SimCSE used neither)."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim < 2 or "LayerNorm" in name or "layer_norm" in name else decay).append(p)
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=args.lr)
-    return opt, get_linear_schedule_with_warmup(opt, int(args.warmup_ratio * total_steps), total_steps)
-
-
 def epoch_order(sentences: list[str], batch_size: int, seed: int, epoch: int) -> list[int]:
     """An epoch's order in length-grouped batches (characters: little padding), a function of (seed, epoch) only."""
     return text_data.length_grouped_order([len(x) for x in sentences], batch_size,
@@ -299,6 +287,7 @@ def main(args: Args) -> dict:
     model = SimCSEModel(encoder).to(device).train()
     steps_per_epoch = len(sentences) // args.batch_size  # drop_last: every batch has its negatives
     total_steps = 0 if args.eval_only else args.epochs * steps_per_epoch
+    # AdamW without decay on biases/LayerNorm, linear warm-up then decay (Sec. 4.1; SimCSE used neither)
     opt, sched = make_optimizer(model, args, max(total_steps, 1))
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
 

@@ -1,6 +1,6 @@
 """CoNLST's Figure 3 for the report: clean vs noisy pseudo-labels per confidence, one panel per
 stage, drawn from the bins conlst.py records in summary.json (`per_lang.<lang>.bins`, computed
-by conlst.analysis_only_confidence_bins).
+by common.diagnostics.analysis_only_confidence_bins).
 
     python -m benchmarks.confidence RUN_DIR [RUN_DIR ...]     # confidence_<lang>.png into each run
 

@@ -12,7 +12,7 @@ own step functions for --steps optimizer steps on fake data of the paper's batch
   uscal   bert-base-uncased sizes, uscal.SimCSEModel, uscal.uscal_step; batch 64 x 32 tokens
   conlst  mBERT sizes, conlst.CoNLSTModel (pooler); the first half of the steps stage 1
           (conlst.conl_step: 32 anchors, K=8 negatives each, 32 source pairs), the second half
-          stage 2 (conlst.st_step: 32 masked / mixup views + 32 source pairs); conlst.train_step
+          stage 2 (conlst.st_step: 32 masked / mixup views + 32 source pairs); common.stages.train_step
   msmo    mBERT sizes, msmo.Tagger + msmo.Critic, msmo.msmo_step with the two-step schedule (the
           first half adversarial with 10 / 5 critic updates per step, the second half aspect-level
           consistency with 16 aligned pairs); batch 16 x <= 128 tokens
@@ -471,10 +471,11 @@ def check_uscal(cfg: Cfg) -> dict:
 
 def check_conlst(cfg: Cfg) -> dict:
     """CoNLST on mBERT (conlst.Args): stage 1 (conl_step) for the first half of the steps, stage 2
-    (st_step) for the second half, each through conlst.train_step with its own Adam, as the stages do.
+    (st_step) for the second half, each through common.stages.train_step with its own Adam, as the stages do.
     The model is conlst.CoNLSTModel around an encoder built here (conlst.build_model loads from the
     hub; its pooling choice, common.text_models.resolve_pooling, is called the same way)."""
     import conlst
+    from common import stages
 
     dev, amp = cfg.device, cfg.amp_dtype
     a = conlst.Args()
@@ -525,21 +526,21 @@ def check_conlst(cfg: Cfg) -> dict:
             model.encoder.get_input_embeddings().weight.requires_grad_(False)
         model.to(dev).train()
         scaler = torch.amp.GradScaler(dev.type, enabled=cfg.use_scaler)
-        # what conlst.train_step reads of the run (the loss check; no bookkeeping) and of the run's progress
+        # what stages.train_step reads of the run (the loss check; no bookkeeping) and of the run's progress
         run = SimpleNamespace(args=a, finite=lambda loss, step, terms: utils.check_finite(loss, step, terms),
                               add=lambda terms: None)
-        net = conlst.Net(model, None, "", t, dev, amp, scaler)
-        return {"model": model, "scaler": scaler, "run": run, "net": net, "prog": conlst.Progress(),
-                "optimizer_stage1": torch.optim.Adam(conlst.trainable(model), lr=a.s1_lr),
-                "optimizer_stage2": torch.optim.Adam(conlst.trainable(model), lr=a.s2_lr)}
+        net = stages.Net(model, None, "", t, dev, amp, scaler)
+        return {"model": model, "scaler": scaler, "run": run, "net": net, "prog": stages.Progress(),
+                "optimizer_stage1": torch.optim.Adam(stages.trainable(model), lr=a.s1_lr),
+                "optimizer_stage2": torch.optim.Adam(stages.trainable(model), lr=a.s2_lr)}
 
     def step(p: dict, i: int):
         p["prog"].step = i
         if i < cfg.steps // 2:
-            loss = conlst.train_step(p["run"], p["net"], p["prog"], p["optimizer_stage1"], None, conlst.conl_step,
+            loss = stages.train_step(p["run"], p["net"], p["prog"], p["optimizer_stage1"], None, conlst.conl_step,
                                      batch1, b1 + b1s)
             return loss, "conl_step", b1 + b1s
-        loss = conlst.train_step(p["run"], p["net"], p["prog"], p["optimizer_stage2"], None, conlst.st_step, batch2,
+        loss = stages.train_step(p["run"], p["net"], p["prog"], p["optimizer_stage2"], None, conlst.st_step, batch2,
                                  b2 + b2s)
         return loss, "st_step", b2 + b2s
 
@@ -554,6 +555,7 @@ def check_msmo(cfg: Cfg) -> dict:
     the Wasserstein critic, two-step schedule over --steps. The optimizer set-up of msmo.make_stage
     (Adam with a head group, linear decay) is repeated here."""
     import msmo
+    from common.text_data import AlignedPair
 
     dev, amp = cfg.device, cfg.amp_dtype
     a = msmo.Args()
@@ -581,7 +583,7 @@ def check_msmo(cfg: Cfg) -> dict:
         sa, sb = sentence(ra), sentence(rb)
         n_asp = min(3, len(sa.first) // 2, len(sb.first) // 2)
         aspects = [(sa.first[2 * q: 2 * q + 1 + q % 2], sb.first[2 * q: 2 * q + 1 + q % 2]) for q in range(n_asp)]
-        pairs.append(msmo.AlignedPair(sa, sb, aspects))
+        pairs.append(AlignedPair(sa, sb, aspects))
     batch_adv = msmo.tagging_batch(items, ids["pad"], dev, sides)
     batch_cons = msmo.tagging_batch(items, ids["pad"], dev, sides, pairs)
 

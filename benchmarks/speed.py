@@ -327,13 +327,14 @@ def conlst_steps(a, lang: str | None = None, pick=None) -> dict:
     conlst.Args) with fresh heads; in the stage-1 batch every anchor has K valid negatives (the costliest
     case). `pick(items, n)` chooses the rows of each batch (default: the first n, cycling). Writes nothing."""
     import conlst
+    from common.text_data import load_xnli_transfer
 
     conlst.validate(a)
     device = utils.resolve_device(a.device)
     amp_dtype, _ = utils.resolve_precision(a.precision, device)
     utils.seed_everything(a.seed)
     lang = lang or conlst.resolve_langs(a)[0]
-    data = conlst.load_data(a, [lang])
+    data = load_xnli_transfer(a, [lang])
     model, tok, prefix = conlst.build_model(a, [s for e in data.source for s in (e.text_a, e.text_b)]
                                             + [s for p in data.targets[lang].pool for s in p])
     model.to(device).train()
@@ -420,13 +421,13 @@ def measure_msmo(args) -> dict:
     a = _text_args(msmo.Args, msmo.PRESETS, ["--preset", args.text_preset or "cpu", "--lang", "fr"])
     device = utils.resolve_device(args.device)
     utils.seed_everything(0)
-    data = msmo.load_data(a)
+    data = msmo.load_acs_data(a)
     encoder, tok = msmo.xabsa_encoder(a.model, a.data_dir, a.domain)
     model = msmo.Tagger(encoder, len(msmo.tag_list(a.tagging)))
     if a.freeze_embeddings:
         msmo.freeze_word_embeddings(model)
     model.to(device).train()
-    enc = msmo.encode_data(a, data, tok)
+    enc = msmo.encode_acs_data(a, data, tok)
     pool, pool_sides = enc.ce_pool, enc.ce_sides
     pair_lengths = [len(p.a.input_ids) + len(p.b.input_ids) for p in enc.pairs]
     batches = {}

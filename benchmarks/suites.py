@@ -493,7 +493,10 @@ MSMO_CPU_CLAIMS = [
 # fail would claim more than it does. SCAL's regression signal comes from the pretrained
 # MiniLM-L6 runs on TREC instead (40 steps: 76.8-88.0% on the 500 test questions over
 # 2 seeds x 2 methods, majority class 27.6%).
-SCAL_SMOKE_MINILM = ("--preset", "smoke", "--model", "minilm-l6", "--task", "trec", "--limit-train", "640",
+# a tiny random BERT, 64-example subset, 3 steps: checks that everything runs (was scal.py's smoke preset)
+SCAL_SMOKE = ("--model", "tiny", "--source", "local", "--limit-train", "64", "--limit-eval", "64", "--epochs", "1",
+              "--max-steps", "3", "--batch-size", "16", "--max-length", "64")
+SCAL_SMOKE_MINILM = (*SCAL_SMOKE, "--model", "minilm-l6", "--task", "trec", "--limit-train", "640",
                      "--max-steps", "40", "--limit-eval", "500", "--lr", "1e-4")
 # uscal.py's smoke settings (no preset of its own): a tiny random BERT, 96 offline sentences, 3 steps,
 # STS-B dev every 2, 50 pairs per STS set / subset. tests/test_uscal.py and test_reliability.py use them too.
@@ -505,10 +508,10 @@ def _text_smoke() -> list[Run]:
     runs = []
     for task, metric in (("rte", "acc"), ("cola", "mcc")):
         for method in SCAL_METHODS:
-            runs.append(Run(f"scal_smoke_{task}_{method}", "scal.py", ("--preset", "smoke", "--task", task, "--method",
+            runs.append(Run(f"scal_smoke_{task}_{method}", "scal.py", (*SCAL_SMOKE, "--task", task, "--method",
                                                                        method),
                             "scal smoke", metric=metric, only_seeds=(0,) if task == "cola" else None, compare=False))
-    runs.append(Run("scal_smoke_fgsm_cl_adv", "scal.py", ("--preset", "smoke", "--attack", "fgsm", "--method", "cl",
+    runs.append(Run("scal_smoke_fgsm_cl_adv", "scal.py", (*SCAL_SMOKE, "--attack", "fgsm", "--method", "cl",
                                                            "--cl-positive", "adv"), "scal smoke", only_seeds=(0,),
                     compare=False))
     for method in ("ft", "scal"):

@@ -145,6 +145,35 @@ def main(argv: list[str] | None = None, translator: Callable | None = None) -> i
     return 0
 
 
+def load_backtranslations(args: Any, lang: str, pool: list[tuple[str, str]]) -> dict[str, str]:
+    """Back-translations of conlst.py's pool sentences (keys: whitespace-normalised originals): --bt-file,
+    or for --bt mbart the file this module writes, which must hold every one."""
+    if args.bt == "file":
+        return read_translations(args.bt_file)
+    if lang not in MBART50_CODES:
+        raise MissingError(f"back-translation ({lang}): mBART-50 does not cover this language (the paper used "
+                           "Google Translate); give precomputed ones with --bt file --bt-file PATH, or use --wo-bt")
+    path = cache_file(args.bt_cache_dir, args.bt_model, lang, args.bt_pivot)
+    bt = read_translations(path) if path.is_file() else {}
+    missing = {clean(s) for pair in pool for s in pair} - set(bt)
+    if missing:
+        extra = {"--cache-dir": args.bt_cache_dir, "--data-dir": args.data_dir}
+        cmd = (f"python -m common.back_translate --langs {lang} --split {args.pool_split} --model {args.bt_model} "
+               f"--pivot {args.bt_pivot} --batch-size {args.bt_batch_size} --max-length {args.max_length}"
+               + "".join(f" {k} {v}" for k, v in extra.items() if v))
+        raise MissingError(f"back-translation ({lang}): {path} lacks {len(missing)} of the pool's sentences; write "
+                           f"it with: {cmd} (or give --bt file --bt-file PATH, or --wo-bt)")
+    return bt
+
+
+def bt_pair(bt: dict[str, str] | None, pair: tuple[str, str]) -> tuple[str, str] | None:
+    """The back-translated pair, or None when either sentence has no translation."""
+    if not bt:
+        return None
+    a, b = bt.get(clean(pair[0])), bt.get(clean(pair[1]))
+    return (a, b) if a and b else None
+
+
 if __name__ == "__main__":
     with utils.cli_errors():
         raise SystemExit(main())

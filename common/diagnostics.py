@@ -60,3 +60,27 @@ def batch_selection_log(drawn: torch.Tensor, given: torch.Tensor, clean: torch.T
     if clean is not None:
         log["selected_precision"] = int((sel & (given == clean)).sum()) / n_sel if n_sel else 0.0
     return {**log, **selection_per_class(sel[seen], given[seen], None if clean is None else clean[seen], num_classes)}
+
+
+CONFIDENCE_BINS = {"high": "max q > 0.9", "mid": "0.5 <= max q <= 0.9", "low": "max q < 0.5"}
+
+
+def analysis_only_confidence_bins(probs: torch.Tensor, gold: torch.Tensor, n_hist: int = 20) -> dict:
+    """ANALYSIS ONLY (conlst.py; Table 4, Figure 3; the report draws it): pseudo-label accuracy and counts
+    per confidence bin, and histograms of the confidence of correctly (clean) and wrongly (noisy)
+    pseudo-labeled samples. Reads target gold labels; its output never feeds training or model selection."""
+    conf, pred = probs.max(dim=1)
+    correct = pred == gold
+    masks = {"high": conf > 0.9, "low": conf < 0.5}
+    masks["mid"] = ~masks["high"] & ~masks["low"]
+    out: dict = {}
+    for name in ("high", "mid", "low"):
+        m = masks[name]
+        out[name] = {"n": int(m.sum()), "acc": 100.0 * correct[m].float().mean().item() if m.any() else None}
+    out["all"] = {"n": int(len(gold)), "acc": 100.0 * correct.float().mean().item() if len(gold) else None}
+    edges = torch.linspace(0, 1, n_hist + 1)
+    b = torch.bucketize(conf.clamp(0, 1 - 1e-7), edges[1:-1], right=True)
+    out["hist"] = {"edges": [round(x, 4) for x in edges.tolist()],
+                   "clean": torch.bincount(b[correct], minlength=n_hist).tolist(),
+                   "noisy": torch.bincount(b[~correct], minlength=n_hist).tolist()}
+    return out

@@ -23,7 +23,9 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from common import utils
+from common.diagnostics import analysis_only_confidence_bins
 from common.run import Run
+from common.text_data import Example, XnliData, load_pool_gold_labels_for_analysis_only, tokenize_pairs
 from common.text_models import load_trainable, save_trainable
 from common.utils import MissingError, UsageError
 
@@ -42,6 +44,10 @@ class Progress:
     train_s: float = 0.0  # seconds inside training steps (forward, backward, update)
     history: list = field(default_factory=list)  # one record per evaluation
     results: dict = field(default_factory=dict)  # per language: bins, stage-2 statistics
+
+
+CHECKPOINT_KEYS = ("model", "scaler", "rng", "step", "plan_pos", "item", "history", "results", "samples", "train_s",
+                   "wall_s")  # what a checkpoint must hold for --resume
 
 
 def checkpoint_fields(ckpt: dict) -> dict:
@@ -64,6 +70,33 @@ class Net:
 
 def trainable(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
+
+
+def to_device(enc: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in enc.items()}
+
+
+@torch.no_grad()
+def predict(net: Net, pairs: list[tuple[str, str]], batch_size: int) -> torch.Tensor:
+    """Class probabilities [N, C] (eval mode, batches sorted by length), on the CPU."""
+    model = net.model
+    was_training = model.training
+    model.eval()
+    order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
+    out = torch.zeros(len(pairs), model.classifier.out_features)
+    for s in range(0, len(order), batch_size):
+        idx = order[s:s + batch_size]
+        enc = to_device(tokenize_pairs(net.tok, [pairs[i] for i in idx], net.prefix, net.max_length), net.device)
+        with utils.autocast(net.device, net.amp_dtype):
+            logits = model(enc)
+        out[idx] = logits.float().softmax(1).cpu()
+    model.train(was_training)
+    return out
+
+
+def accuracy(probs: torch.Tensor, examples: list[Example]) -> float:
+    gold = torch.tensor([e.label for e in examples])
+    return 100.0 * (probs.argmax(1) == gold).float().mean().item()
 
 
 def save(run: Run, prog: Progress, opt=None, sched=None) -> None:
@@ -134,6 +167,22 @@ def finish_stage(run: Run, net: Net, prog: Progress, path: Path | None, **meta: 
         save_trainable(path, net.model, {"record": best, "model": args.model, "pooling": net.model.pooling,
                                          "prefix": net.prefix, "seed": args.seed, **meta})
     return best or {}
+
+
+def diagnose(run: Run, net: Net, data: XnliData, prog: Progress, lang: str, point: str,
+             eval_probs: torch.Tensor | None) -> None:
+    """Confidence bins of the current model at `point`: on the pool when its gold labels exist,
+    else on the evaluation set (whose probabilities the last evaluation computed)."""
+    res, target = prog.results.setdefault(lang, {}), data.targets[lang]
+    gold = load_pool_gold_labels_for_analysis_only(run.args, lang)
+    if gold is not None:
+        probs, on = predict(net, target.pool, run.args.eval_batch_size), "pool"
+    else:
+        probs = eval_probs if eval_probs is not None else predict(net, [(e.text_a, e.text_b) for e in target.eval],
+                                                                  run.args.eval_batch_size)
+        gold, on = torch.tensor([e.label for e in target.eval]), "eval"
+    res.setdefault("bins", {})[point] = analysis_only_confidence_bins(probs, gold)
+    res["bins_on"] = on
 
 
 def handoff_file(flag: str, given: str, name: str, seed: int, **expected: Any) -> Path:

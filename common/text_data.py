@@ -1365,3 +1365,73 @@ class SourceStream:
             if self.state["pos"] >= len(order):
                 self.state = {"epoch": self.state["epoch"] + 1, "pos": 0}
         return out
+
+
+# ------------------------------------------------------------------------------------------
+# Cross-lingual NLI (conlst.py): English source, unlabeled XNLI target pool, target evaluation set,
+# English selection set. `args` needs data_dir, data_source, source_task, source_splits, limit_*,
+# seed, pool_split, eval_split, select_lang, select_split.
+# ------------------------------------------------------------------------------------------
+@dataclass
+class TargetData:
+    lang: str
+    pool: list[tuple[str, str]]  # unlabeled: what stages 1 and 2 train on
+    eval: list[Example]  # labelled: evaluation only
+    bt: dict[str, str] | None = None  # back-translation of each pool sentence (where available)
+
+
+@dataclass
+class XnliData:
+    source: list[Example]
+    select: list[Example]
+    targets: dict[str, TargetData]
+
+
+def _pool_rows(args: Any, lang: str, record: dict | None = None) -> list[Example]:
+    """The pool's rows of the target's XNLI split: the same rows in every language (XNLI is parallel)."""
+    return load_pairs(f"xnli-{lang}", args.pool_split, args.data_dir or None, args.data_source, args.limit_pool,
+                      args.seed, record, f"pool_{lang}", what=" (labels dropped)")
+
+
+def load_xnli_transfer(args: Any, langs: list[str], record: dict | None = None) -> XnliData:
+    """Every data set of a cross-lingual run; `record` receives the subsets (saved as data_subsets.json).
+    The evaluation and selection subsets are the same for every seed (drawn with 12345)."""
+    where = (args.data_dir or None, args.data_source)
+    source = load_pairs(args.source_task, args.source_splits, *where, args.limit_train, args.seed, record, "source",
+                        labels="labelled", what=" (labelled pairs)")
+    select = load_pairs(f"xnli-{args.select_lang}", args.select_split, *where, args.limit_eval, 12345, record, "select",
+                        labels="required")
+    targets = {lang: TargetData(lang, [(e.text_a, e.text_b) for e in _pool_rows(args, lang, record)],
+                                load_pairs(f"xnli-{lang}", args.eval_split, *where, args.limit_eval, 12345, record,
+                                           f"eval_{lang}", labels="required"))
+               for lang in langs}
+    return XnliData(source, select, targets)
+
+
+def load_pool_gold_labels_for_analysis_only(args: Any, lang: str):
+    """READS TARGET GOLD LABELS. For the confidence diagnostics (Table 4, Figure 3) only: the
+    labels of the pool rows, or None where the pool split has none (local XNLI test, CPU scale).
+    Nothing that trains or selects a model calls this."""
+    import torch
+
+    gold = [e.label for e in _pool_rows(args, lang)]
+    return None if any(y == -1 for y in gold) else torch.tensor(gold)
+
+
+def check_transfer_sizes(args: Any, data: XnliData, stages: list[int]) -> None:
+    """Batch sizes and K against the data the stages that run will see (one line naming the flag)."""
+    n_src = len(data.source)
+    n_pool = min(len(t.pool) for t in data.targets.values())
+    checks = [] if args.stage0_from else [("s0_batch_size", n_src, "labeled source pairs")]
+    if 1 in stages:
+        checks += [("s1_batch_size", n_pool, "pairs of the unlabeled pool")]
+        checks += [] if args.wo_clcs else [("s1_source_batch_size", n_src, "labeled source pairs")]
+    if 2 in stages:
+        checks += [("s2_batch_size", n_pool, "pairs of the unlabeled pool"),
+                   ("s2_source_batch_size", n_src, "labeled source pairs")]
+    for name, n, what in checks:
+        if getattr(args, name) > n:
+            raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)}: larger than the {n} {what}")
+    if 1 in stages and not args.wo_cl and args.k_neg > n_pool - 1:
+        raise UsageError(f"--k-neg {args.k_neg}: an anchor's negatives are other pairs of the unlabeled pool, "
+                         f"which has {n_pool}; at most {n_pool - 1} are possible")

@@ -498,7 +498,7 @@ def tiny_encoder(texts: list[str], kind: str = "bert", hidden: int = 64, layers:
 
 
 # ------------------------------------------------------------------------------------------
-# Fine-tuning an encoder: AdamW and a linear warm-up / decay schedule (scal.py)
+# Fine-tuning an encoder: AdamW and a linear warm-up / decay schedule (scal.py, uscal.py)
 # ------------------------------------------------------------------------------------------
 def make_optimizer(model: torch.nn.Module, args: Any, total_steps: int):
     """(AdamW, schedule) from `args`' lr, weight_decay and warmup_ratio: no weight decay on biases and

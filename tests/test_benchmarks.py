@@ -578,3 +578,26 @@ def test_readme_claims_block_is_generated_from_the_committed_runs_and_readme_is_
     assert report.replace_block(text, report.glance_block("cpu", Path("benchmarks/results/cpu/runs"),
                                                           report.collect(root / "benchmarks/results/cpu/runs"))) == text
     assert len((root / "README.md").read_bytes()) <= 15_000
+
+
+def test_same_metrics_finds_a_changed_digit_and_new_fields(tmp_path):
+    from benchmarks import same_metrics
+
+    def run(root, name, acc, extra=None):
+        d = root / name
+        d.mkdir(parents=True)
+        (d / "summary.json").write_text(json.dumps({"final": {"acc": acc}, "wall_s": 1.0 if root.name == "a" else 9.0}))
+        (d / "metrics.jsonl").write_text(json.dumps({"step": 1, "acc": acc, "elapsed_s": 0.1, **(extra or {})}) + "\n")
+
+    run(tmp_path / "a", "r1", 50.0)
+    run(tmp_path / "a", "r2", 50.0)
+    run(tmp_path / "b", "r1", 50.0)  # wall time differs only: same
+    run(tmp_path / "b", "r2", 50.00000000000001)  # last digit: differs
+    rows = dict(same_metrics.compare(tmp_path / "a", tmp_path / "b"))
+    assert rows["r1"] == "same" and rows["r2"].startswith("differs (2)")
+    assert same_metrics.main([str(tmp_path / "a"), str(tmp_path / "b")]) == 1
+    (tmp_path / "c").mkdir()
+    run(tmp_path / "c", "r1", 50.0, {"sel_count_per_class": [3, 4]})
+    assert dict(same_metrics.compare(tmp_path / "a", tmp_path / "c", ["r1"]))["r1"].startswith("differs")
+    allowed = dict(same_metrics.compare(tmp_path / "a", tmp_path / "c", ["r1"], allow_new=True))
+    assert "+2 new (sel_count_per_class)" in allowed["r1"]

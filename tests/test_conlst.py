@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 import conlst
 from benchmarks import confidence
-from common import back_translate
+from common import back_translate, text_data
 from common.text_data import Example, load_text_task, subset_indices
 from common.text_models import tiny_encoder
 from common.utils import MissingError, UsageError, parse_args
@@ -345,7 +345,7 @@ def test_loaders_on_shared_xnli_and_snli(shared_data, tmp_path):
     assert len(snli_dev) == 9842 and {e.label for e in snli_dev} == {0, 1, 2}
     a.source_splits = ["dev", "test"]
     record = {}
-    data = conlst.load_data(a, ["sw", "ur"], record)  # the smoke preset: pool = XNLI test, evaluation = XNLI dev
+    data = text_data.load_xnli_transfer(a, ["sw", "ur"], record)  # the smoke preset: pool = XNLI test, eval = dev
     assert len(data.source) == 9842 + 9824 and all(e.label in (0, 1, 2) for e in data.source)
     dev = data.targets["sw"].eval
     assert len(dev) == 2490 and [sum(e.label == c for e in dev) for c in range(3)] == [830, 830, 830]
@@ -354,19 +354,19 @@ def test_loaders_on_shared_xnli_and_snli(shared_data, tmp_path):
     assert list(record) == ["source", "select", "pool_sw", "eval_sw", "pool_ur", "eval_ur"]
     assert record["source"] == {"data": "snli dev+test (labelled pairs)", "n_all": 9842 + 9824, "indices": None}
     assert record["pool_ur"]["data"] == "xnli-ur test (labels dropped)" and record["eval_sw"]["data"] == "xnli-sw dev"
-    assert conlst.load_pool_gold_labels_for_analysis_only(a, "ur") is None  # local test has no labels
+    assert text_data.load_pool_gold_labels_for_analysis_only(a, "ur") is None  # local test has no labels
     a.pool_split, a.eval_split = "dev", "test"
-    gold = conlst.load_pool_gold_labels_for_analysis_only(a, "fr")
+    gold = text_data.load_pool_gold_labels_for_analysis_only(a, "fr")
     assert gold.shape == (2490,) and set(gold.tolist()) == {0, 1, 2}
     with pytest.raises(MissingError):  # local XNLI test has no labels and --data-source local forbids the hub
         a.data_source = "local"
-        conlst.load_data(a, ["fr"])
+        text_data.load_xnli_transfer(a, ["fr"])
     # subsets: the pool takes the same rows in every language (XNLI is parallel), eval is seed-independent
     b = _args(tmp_path)
     b2 = _args(tmp_path, "--seed", "1")
-    assert len(conlst.load_data(b, ["fr"]).targets["fr"].pool) == 96
+    assert len(text_data.load_xnli_transfer(b, ["fr"]).targets["fr"].pool) == 96
     assert subset_indices(5010, 96, b.seed).tolist() != subset_indices(5010, 96, b2.seed).tolist()
-    texts = [[e.text_a for e in conlst.load_data(x, ["de"]).targets["de"].eval] for x in (b, b2)]
+    texts = [[e.text_a for e in text_data.load_xnli_transfer(x, ["de"]).targets["de"].eval] for x in (b, b2)]
     assert texts[0] == texts[1]
 
 
@@ -392,27 +392,28 @@ def test_back_translation_cache(tmp_path):
     assert back_translate.read_translations(cache) == out
     out2 = back_translate.back_translate(["Bonjour le monde", "Encore"], "fr", "en", translate, cache)
     assert calls[2:] == [(1, "fr", "en"), (1, "en", "fr")] and len(out2) == 3  # only the new sentence
-    assert conlst.bt_pair(out2, ("Bonjour le monde", "Encore")) == ("[fr] [en] Bonjour le monde", "[fr] [en] Encore")
-    assert conlst.bt_pair(out2, ("Bonjour le monde", "absent")) is None
+    assert back_translate.bt_pair(out2, ("Bonjour le monde", "Encore")) == ("[fr] [en] Bonjour le monde",
+                                                                          "[fr] [en] Encore")
+    assert back_translate.bt_pair(out2, ("Bonjour le monde", "absent")) is None
 
 
 def test_conlst_reads_the_file_the_tool_writes(shared_data, tmp_path):
     a = _args(tmp_path, "--bt", "mbart", "--bt-cache-dir", str(tmp_path / "cache"), "--data-dir", str(shared_data))
     with pytest.raises(MissingError, match="mBART-50 does not cover"):
-        conlst.load_backtranslations(a, "el", [("a", "b")])
-    pool = conlst.load_data(a, ["en"]).targets["en"].pool
+        back_translate.load_backtranslations(a, "el", [("a", "b")])
+    pool = text_data.load_xnli_transfer(a, ["en"]).targets["en"].pool
     # not written yet: the error names the command that writes it
     with pytest.raises(MissingError, match="of the pool's sentences; write it with: python -m common.back_translate "
                                            "--langs en --split test") as e:
-        conlst.load_backtranslations(a, "en", pool)
+        back_translate.load_backtranslations(a, "en", pool)
     argv = str(e.value).split("write it with: python -m common.back_translate ", 1)[1].split(" (or ")[0].split()
     assert back_translate.main(argv, translator=fake_translate) == 0  # that very command (a fake translator)
-    got = conlst.load_backtranslations(a, "en", pool)
+    got = back_translate.load_backtranslations(a, "en", pool)
     first = back_translate.clean(pool[0][0])
     assert got[first] == "[en] [fr] " + first  # English target: French pivot
     assert [f.name for f in (tmp_path / "cache").iterdir()] == [
         "facebook__mbart-large-50-many-to-many-mmt.en.via-fr.tsv"]
-    assert all(conlst.bt_pair(got, p) for p in pool)
+    assert all(back_translate.bt_pair(got, p) for p in pool)
 
 
 # -------------------------------------------------------------------------------------------
@@ -492,7 +493,7 @@ def test_ablations_stage0_reuse_and_backtranslation_file(full_run, tmp_path):
     takes back-translated views from a precomputed file (covering a few pool pairs)."""
     run, _ = full_run
     a = _args(tmp_path)
-    pool = conlst.load_data(a, ["fr"]).targets["fr"].pool
+    pool = text_data.load_xnli_transfer(a, ["fr"]).targets["fr"].pool
     bt = tmp_path / "bt.tsv"
     back_translate.write_translations(bt, {s: s[::-1] for pair in pool[:30] for s in pair})
     s = conlst.main(_args(tmp_path, "--exp-name", "abl", "--stage0-from", str(run), "--wo-cl", "--bt", "file",

@@ -277,10 +277,10 @@ def test_schedules():
 def _step_setup(shared_data, **flags):
     args = parse_args(msmo.Args, ["--preset", "smoke", "--data-dir", str(shared_data),
                                   *[f"--{k.replace('_', '-')}={v}" for k, v in flags.items()]], presets=msmo.PRESETS)
-    sentences = msmo.load_data(args)
+    sentences = msmo.load_acs_data(args)
     encoder, tok = msmo.xabsa_encoder("tiny", args.data_dir, "rest")
     model = msmo.Tagger(encoder, 13)
-    data = msmo.encode_data(args, sentences, tok)
+    data = msmo.encode_acs_data(args, sentences, tok)
     src_side = [i for i, s in enumerate(data.ce_sides) if s == 0][:4]
     tgt_side = [i for i, s in enumerate(data.ce_sides) if s == 1][:4]
     items = [data.ce_pool[i] for i in src_side + tgt_side]

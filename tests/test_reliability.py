@@ -38,7 +38,7 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks.suites import USCAL_SMOKE
+from benchmarks.suites import SCAL_SMOKE, USCAL_SMOKE
 from common import data as image_data
 from common import utils
 from common.utils import parse_args, shared_data_dir
@@ -53,7 +53,7 @@ CONFIGS = {
     "lacol": ["--preset", "demo", "--limit-train", "256", "--limit-eval", "200", "--epochs", "3",
               "--warmup-epochs", "1",
               "--batch-size", "32", "--milestones", "2", "--num-workers", "0", "--deterministic"],
-    "scal": ["--preset", "smoke", "--task", "trec", "--limit-train", "128", "--batch-size", "16", "--epochs", "2",
+    "scal": [*SCAL_SMOKE, "--task", "trec", "--limit-train", "128", "--batch-size", "16", "--epochs", "2",
              "--eval-every", "4", "--max-steps", "1000", "--max-length", "32"],
     "uscal": [*USCAL_SMOKE, "--limit-train", "96", "--batch-size", "16", "--epochs", "2", "--eval-every", "4",
               "--max-steps", "1000", "--limit-eval", "30"],
@@ -465,7 +465,7 @@ DIVERGE = {  # script -> (loss function made NaN, at its n-th call, arguments, f
               ["--preset", "demo", "--limit-train", "128", "--limit-eval", "100", "--epochs", "2",
                "--warmup-epochs", "1",
                "--batch-size", "32", "--num-workers", "0"], 5, "l_ms", 4),
-    "scal": ("infonce_eq7", 3, ["--preset", "smoke", "--task", "trec", "--eval-every", "1", "--max-steps", "4"], 2,
+    "scal": ("infonce_eq7", 3, [*SCAL_SMOKE, "--task", "trec", "--eval-every", "1", "--max-steps", "4"], 2,
              "l_ct",
              2),
     "uscal": ("infonce_eq4", 6, [*USCAL_SMOKE, "--eval-every", "1", "--max-steps", "4"], 2, "l_adv", 2),

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import scal
+from benchmarks.suites import SCAL_SMOKE
 from common import text_data
 from common import text_tasks as tasks
 from common.utils import MissingError, UsageError, parse_args, shared_data_dir
@@ -272,7 +273,7 @@ def test_hub_only_data_offline_is_a_missing_error_and_writes_nothing(tmp_path, m
 # Runs of a tiny random BERT on real TREC questions
 # ------------------------------------------------------------------------------------------
 def _args(tmp_path, *extra):
-    return parse_args(scal.Args, ["--preset", "smoke", "--task", "trec", "--out-dir", str(tmp_path),
+    return parse_args(scal.Args, [*SCAL_SMOKE, "--task", "trec", "--out-dir", str(tmp_path),
                                   "--max-steps", "1000", *extra], presets=scal.PRESETS)
 
 
