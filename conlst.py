@@ -79,7 +79,8 @@ class Args(RunArgs):
     max_steps: int | None = arg(None, "cap on optimizer steps per stage-0/1 epoch and stage-2 iteration (smoke tests)")
     limit_train: int | None = arg(None, "random subset of this many labeled source pairs (default: all)")
     limit_pool: int | None = arg(None, "random subset of N unlabeled target pairs (the same rows in every language)")
-    limit_eval: int | None = arg(None, "fixed random subset of the evaluation and selection sets (same for every seed)")
+    limit_eval: int | None = arg(None, "fixed random subset of the evaluation and selection sets (same for every seed;"
+                                 " selection rows disjoint from the evaluation rows)")
     # -- protocol
     lang: str = arg("", "one target language (XNLI code); short for --langs LANG and takes precedence")
     langs: list[str] = arg(["all"], "target languages (XNLI codes) or 'all' (15); stage 0 is trained once for all")
@@ -188,6 +189,9 @@ def validate(args: Args) -> None:
             flag = "--select-lang" if lang == args.select_lang and lang not in langs else \
                 "--lang" if args.lang else "--langs"
             raise UsageError(f"{flag} {lang}: allowed are {', '.join(XNLI_LANGS)} (or 'all' for --langs)")
+    if args.select_lang in langs and args.select_split == args.eval_split:  # (the paper: en dev selects, en test)
+        raise UsageError(f"--select-lang {args.select_lang}: is a target language evaluated on the same split "
+                         f"({args.eval_split}); select on another language or --select-split")
     if len(set(langs)) != len(langs):
         raise UsageError(f"--langs {' '.join(langs)}: a language is listed twice")
     if args.pool_split == args.eval_split:
@@ -531,8 +535,6 @@ def evaluate(net: Net, data: XnliData, args: Args, lang: str | None,
         target = data.targets[lang]
         probs = predict(net, [(e.text_a, e.text_b) for e in target.eval], args.eval_batch_size)
         out["acc"] = accuracy(probs, target.eval)
-        if "en_dev_acc" not in out and lang == args.select_lang and args.eval_split == args.select_split:
-            out["en_dev_acc"] = out["acc"]  # the same set
     if "en_dev_acc" not in out:
         out["en_dev_acc"] = accuracy(predict(net, [(e.text_a, e.text_b) for e in data.select], args.eval_batch_size),
                                      data.select)

@@ -1299,16 +1299,23 @@ def load_labelled(task: str, split: str, data_dir: str | Path | None = None, sou
 
 def load_pairs(task: str, splits: str | list[str], data_dir: str | Path | None = None, source: str = "auto",
                limit: int | None = None, seed: int = 0, record: dict | None = None, key: str = "",
-               labels: str = "any", what: str = "") -> list[Example]:
+               labels: str = "any", what: str = "", exclude=None) -> list[Example]:
     """The examples of a task's split(s), concatenated, and a random subset of `limit` of them drawn
     with `seed` (noted as `record[key]`, see note_subset; `what` is added to its description).
     labels: any (as the files hold them), labelled (unlabelled pairs left out), required (a copy
-    without labels is replaced by the hub's labelled one: load_labelled)."""
+    without labels is replaced by the hub's labelled one: load_labelled). `exclude`: row indices
+    left out first; the subset is then drawn, with `seed`, from the remaining rows (in order)."""
+    import numpy as np
+
     ex: list[Example] = []
     for split in [splits] if isinstance(splits, str) else splits:
         got = (load_labelled if labels == "required" else load_text_task)(task, split, data_dir, source)
         ex += [e for e in got if e.label >= 0] if labels == "labelled" else got
-    idx = subset_indices(len(ex), limit, seed)
+    if exclude is None:
+        idx = subset_indices(len(ex), limit, seed)
+    else:
+        rest = np.setdiff1d(np.arange(len(ex)), np.asarray(exclude, dtype=np.int64))
+        idx = rest[subset_indices(len(rest), limit, seed)]
     note_subset(record, key, f"{task} {splits if isinstance(splits, str) else '+'.join(splits)}{what}", len(ex), idx)
     return [ex[i] for i in idx]
 
@@ -1394,17 +1401,33 @@ def _pool_rows(args: Any, lang: str, record: dict | None = None) -> list[Example
 
 
 def load_xnli_transfer(args: Any, langs: list[str], record: dict | None = None) -> XnliData:
-    """Every data set of a cross-lingual run; `record` receives the subsets (saved as data_subsets.json).
-    The evaluation and selection subsets are the same for every seed (drawn with 12345)."""
+    """Every data set of a cross-lingual run; `record` receives the subsets with their row indices (saved
+    as data_subsets.json). The evaluation and selection subsets are the same for every seed (drawn with
+    12345). XNLI is parallel line by line, so one row index is the same item in every language: the
+    evaluation rows (the same in every language) are drawn first, and a selection set from the same split
+    is drawn from the rows they leave; from the other split it holds other items (drawn as usual)."""
+    import numpy as np
+
     where = (args.data_dir or None, args.data_source)
+    record = {} if record is None else record
     source = load_pairs(args.source_task, args.source_splits, *where, args.limit_train, args.seed, record, "source",
                         labels="labelled", what=" (labelled pairs)")
-    select = load_pairs(f"xnli-{args.select_lang}", args.select_split, *where, args.limit_eval, 12345, record, "select",
-                        labels="required")
     targets = {lang: TargetData(lang, [(e.text_a, e.text_b) for e in _pool_rows(args, lang, record)],
                                 load_pairs(f"xnli-{lang}", args.eval_split, *where, args.limit_eval, 12345, record,
                                            f"eval_{lang}", labels="required"))
                for lang in langs}
+    exclude, what = None, f" (another split than the evaluation set's, {args.eval_split}: other items)"
+    if args.select_split == args.eval_split:
+        evals = [record[f"eval_{lang}"] for lang in langs]
+        exclude = np.unique(np.concatenate([np.arange(r["n_all"]) if r["indices"] is None else np.asarray(r["indices"])
+                                            for r in evals]))
+        if len(exclude) >= evals[0]["n_all"]:
+            raise UsageError(f"--limit-eval {args.limit_eval}: the evaluation set takes every row of XNLI "
+                             f"{args.eval_split}, and a selection set from it (--select-split {args.select_split}) "
+                             "must use other rows; lower --limit-eval or change --select-split")
+        what = f" (rows disjoint from the evaluation rows: drawn from the {evals[0]['n_all'] - len(exclude)} left)"
+    select = load_pairs(f"xnli-{args.select_lang}", args.select_split, *where, args.limit_eval, 12345, record, "select",
+                        labels="required", what=what, exclude=exclude)
     return XnliData(source, select, targets)
 
 

@@ -340,7 +340,7 @@ def _args(tmp_path, *extra):
 
 
 def test_loaders_on_shared_xnli_and_snli(shared_data, tmp_path):
-    a = _args(tmp_path, "--limit-train", "30000", "--limit-pool", "9000", "--limit-eval", "9000")
+    a = _args(tmp_path, "--limit-train", "30000", "--limit-pool", "9000", "--limit-eval", "2000")
     snli_dev = load_text_task("snli", "dev", shared_data)
     assert len(snli_dev) == 9842 and {e.label for e in snli_dev} == {0, 1, 2}
     a.source_splits = ["dev", "test"]
@@ -348,10 +348,13 @@ def test_loaders_on_shared_xnli_and_snli(shared_data, tmp_path):
     data = text_data.load_xnli_transfer(a, ["sw", "ur"], record)  # the smoke preset: pool = XNLI test, eval = dev
     assert len(data.source) == 9842 + 9824 and all(e.label in (0, 1, 2) for e in data.source)
     dev = data.targets["sw"].eval
-    assert len(dev) == 2490 and [sum(e.label == c for e in dev) for c in range(3)] == [830, 830, 830]
+    assert len(dev) == 2000 and len(data.select) == 490  # English selection rows: the 490 the evaluation left
+    assert [sum(e.label == c for e in dev + data.select) for c in range(3)] == [830, 830, 830]
+    rows_eval, rows_select = record["eval_sw"]["indices"], record["select"]["indices"]
+    assert rows_eval == record["eval_ur"]["indices"] and sorted(rows_eval + rows_select) == list(range(2490))
     pool = data.targets["ur"].pool
     assert len(pool) == 5010 and all(isinstance(p, tuple) and len(p) == 2 for p in pool)  # no labels at all
-    assert list(record) == ["source", "select", "pool_sw", "eval_sw", "pool_ur", "eval_ur"]
+    assert list(record) == ["source", "pool_sw", "eval_sw", "pool_ur", "eval_ur", "select"]
     assert record["source"] == {"data": "snli dev+test (labelled pairs)", "n_all": 9842 + 9824, "indices": None}
     assert record["pool_ur"]["data"] == "xnli-ur test (labels dropped)" and record["eval_sw"]["data"] == "xnli-sw dev"
     assert text_data.load_pool_gold_labels_for_analysis_only(a, "ur") is None  # local test has no labels
@@ -414,6 +417,52 @@ def test_conlst_reads_the_file_the_tool_writes(shared_data, tmp_path):
     assert [f.name for f in (tmp_path / "cache").iterdir()] == [
         "facebook__mbart-large-50-many-to-many-mmt.en.via-fr.tsv"]
     assert all(back_translate.bt_pair(got, p) for p in pool)
+
+
+def _fake_parallel_xnli(root: Path, n_dev: int = 40, n_test: int = 30) -> Path:
+    """A parallel XNLI (dev labelled, test not) in en/fr/de whose row number is in every text, and a small SNLI dev."""
+    names = ("entailment", "neutral", "contradiction")
+    x = root / "xnli" / "xtreme_format"
+    x.mkdir(parents=True)
+    for lang in ("en", "fr", "de"):
+        dev = [f"{lang} p {i}\t{lang} h {i}\t{names[i % 3]}\n" for i in range(n_dev)]
+        (x / f"dev-{lang}.tsv").write_text("".join(dev))
+        (x / f"test-{lang}.tsv").write_text("".join(f"{lang} p {i}\t{lang} h {i}\n" for i in range(n_test)))
+    s = root / "senteval_transfer" / "SNLI"
+    s.mkdir(parents=True)
+    for name, lines in (("s1", [f"a {i} " for i in range(20)]), ("s2", [f"b {i} " for i in range(20)]),
+                        ("labels", [names[i % 3] for i in range(20)])):
+        (s / f"{name}.dev").write_text("".join(line + "\n" for line in lines))
+    return root
+
+
+def test_selection_rows_are_disjoint_from_evaluation_rows(tmp_path):
+    """XNLI is parallel line by line: English selection rows of the evaluation split must not be the
+    evaluated rows in translation (issue 26); every row index used is in data_subsets.json."""
+    root = _fake_parallel_xnli(tmp_path / "data")
+
+    def load(limit_eval):
+        a = _args(tmp_path, "--data-dir", str(root), "--data-source", "local", "--langs", "fr", "de", "--limit-train",
+                  "10", "--limit-pool", "10", "--limit-eval", str(limit_eval))  # smoke: eval and selection on dev
+        record = {}
+        return text_data.load_xnli_transfer(a, ["fr", "de"], record), record
+
+    def row(e):
+        return int(e.text_a.split()[-1])
+
+    data, record = load(15)
+    ev, sel = record["eval_fr"]["indices"], record["select"]["indices"]
+    assert ev == record["eval_de"]["indices"] == subset_indices(40, 15, 12345).tolist()  # the evaluation draw as before
+    assert len(sel) == 15 and not set(ev) & set(sel)
+    for lang in ("fr", "de"):  # the items themselves: row numbers read from the texts
+        assert [row(e) for e in data.targets[lang].eval] == ev and data.targets[lang].eval[0].text_a.startswith(lang)
+    assert [row(e) for e in data.select] == sel and all(e.text_a.startswith("en ") for e in data.select)
+    assert "disjoint from the evaluation rows" in record["select"]["data"]
+    data, record = load(30)  # the selection set gets the 10 rows the evaluation leaves
+    assert sorted(record["eval_fr"]["indices"] + record["select"]["indices"]) == list(range(40))
+    assert len(data.select) == 10
+    with pytest.raises(UsageError, match="--limit-eval 40: the evaluation set takes every row"):
+        load(40)
 
 
 # -------------------------------------------------------------------------------------------
@@ -538,16 +587,20 @@ def test_confidence_figure_from_the_summary(full_run, tmp_path):
                                        (["--pool-split", "dev", "--eval-split", "dev"], "--pool-split"),
                                        (["--wo-conl", "--wo-cl"], "--wo-conl"), (["--wo-st", "--wo-bt"], "--wo-st"),
                                        (["--bt", "file"], "--bt"), (["--k-neg", "0"], "--k-neg"),
-                                       (["--tau", "0"], "--tau"), (["--limit-pool", "0"], "--limit-pool")])
+                                       (["--tau", "0"], "--tau"), (["--limit-pool", "0"], "--limit-pool"),
+                                       (["--select-lang", "fr"], "--select-lang fr: is a target language"),
+                                       (["--langs", "en", "de", "--select-lang", "de"], "--select-lang de")])
 def test_validate_names_the_flag(tmp_path, argv, flag):
     with pytest.raises(UsageError, match=flag):
         conlst.validate(_args(tmp_path, *argv))
 
 
-def test_bad_argument_exits_2_with_one_line_and_writes_nothing(tmp_path):
-    r = subprocess.run([sys.executable, "conlst.py", "--preset", "smoke", "--mask-ratio", "1.5", "--out-dir",
+@pytest.mark.parametrize("argv,flag", [(["--mask-ratio", "1.5"], "--mask-ratio"),
+                                       (["--langs", "fr", "de", "--select-lang", "de"], "--select-lang de")])
+def test_bad_argument_exits_2_with_one_line_and_writes_nothing(tmp_path, argv, flag):
+    r = subprocess.run([sys.executable, "conlst.py", "--preset", "smoke", *argv, "--out-dir",
                         str(tmp_path / "runs")], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and "--mask-ratio" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2 and flag in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "runs").exists()
 
@@ -557,7 +610,8 @@ def test_presets_hold_the_paper_values():
     assert (a.s1_lr, a.lambda_clcs, a.mixup_alpha, a.lambda_u, a.s1_epochs) == (2e-6, 1e-3, 4.0, 1.0, 1)
     assert (a.model, a.source_task, a.pool_split, a.eval_split, a.select_lang) == (
         "bert-base-multilingual-cased", "mnli", "dev", "test", "en")
-    assert conlst.resolve_langs(a) == list(conlst.XNLI_LANGS)
+    assert conlst.resolve_langs(a) == list(conlst.XNLI_LANGS)  # 'all': the paper's 15, English (test) included
+    conlst.validate(a)
     x = parse_args(conlst.Args, ["--preset", "xlmr"], presets=conlst.PRESETS)
     assert x.model == "xlm-roberta-large" and x.s1_lr == 5e-6
     c = parse_args(conlst.Args, ["--preset", "cpu", "--lang", "sw"], presets=conlst.PRESETS)
