@@ -120,7 +120,7 @@ def measure_lacol(args) -> dict:
 
     device = utils.resolve_device(args.device)
     utils.seed_everything(0)
-    if args.backbone == "small_cnn":
+    if args.backbone in ("small_cnn", "cnn_fc"):  # the 28x28 backbones
         d = image_data.load_fashion_mnist()
         dataset = "fashion_mnist"
     else:
