@@ -118,7 +118,7 @@ PRESETS = {
             "warmup_epochs": 4, "lr": 0.05, "weight_decay": 5e-4, "limit_train": 4000, "num_workers": 1},
     "cpu-mem": {"_doc": "where CE memorises noise (issue 28; cpu does not): no augmentation or weight decay, an FC "
                         "head, 12,000 images (10,000 after --holdout 2000), lr 0.05 to epoch 30 (a decay at 15 stopped "
-                        "memorising); warmup_epochs chosen on the held-out noisy labels of CE runs (docs/lacol.md)",
+                        "memorising); warmup_epochs 10: where CE's held-out noisy accuracy peaks (docs/lacol.md)",
                 "dataset": "fashion_mnist", "backbone": "cnn_fc", "weak_aug": "none", "weight_decay": 0.0,
                 "limit_train": 12000, "epochs": 40, "milestones": [30, 35], "lr": 0.05, "warmup_epochs": 10,
                 "num_workers": 1},

@@ -329,7 +329,7 @@ def test_weak_aug_none_is_the_identity_and_strong_is_randaugment_alone():
 def test_cpu_mem_preset_and_the_cpu_preset_unchanged():
     a = parse_args(lacol.Args, ["--preset", "cpu-mem"], presets=lacol.PRESETS)
     want = {"dataset": "fashion_mnist", "backbone": "cnn_fc", "weak_aug": "none", "weight_decay": 0.0,
-            "limit_train": 20000, "epochs": 40, "milestones": [20, 30], "lr": 0.05, "momentum": 0.9,
+            "limit_train": 12000, "epochs": 40, "milestones": [30, 35], "lr": 0.05, "momentum": 0.9,
             "warmup_epochs": 10, "batch_size": 128, "lr_gamma": 0.1, "holdout": 0, "inst_pixels": "raw"}
     assert {k: getattr(a, k) for k in want} == want
     c = parse_args(lacol.Args, ["--preset", "cpu"], presets=lacol.PRESETS)
