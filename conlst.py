@@ -2,9 +2,8 @@
 
 Docs: docs/conlst.md (paper vs. code: every reading of the paper; the CPU protocol; results)
 Paper: "Improving Cross-lingual Transfer with Contrastive Negative Learning and Self-training"
-(../shared/papers/conlst.txt). One file, top to bottom: arguments, data, model, the method's
-losses and samplers (plain functions named after their equations), the per-step computations,
-evaluation, the three stages, main.
+(../shared/papers/conlst.txt). Top to bottom: arguments, data, model, the method's losses and samplers
+(plain functions named after their equations), the per-step computations, the three stages, main.
 
     python conlst.py --bt file --bt-file bt.tsv         # mBERT, MultiNLI -> 15 XNLI languages (GPU, downloads)
     python -m common.back_translate --langs fr de sw   # mBART-50 back-translations (once), then:
@@ -29,10 +28,10 @@ language starting again from the same stage-0 model):
             Eq. 7  L_CLCS: negative learning (Eq. 1) on a source batch, complementary label drawn
                    anew each step
             Eq. 8  L_CoNL = L_CL + lambda * L_CLCS (lambda = 0.001); Adam, 1 epoch, lr 2e-6
-  stage 2   self-training, once per iteration: hard pseudo-labels of the pool from the current
-            model, FlexMatch class-wise thresholds, one strong view per selected sample
-            (back-translation, random token masking, or mixup of sentence embeddings with
-            Beta(4, 4) soft labels, Eq. 9-11), then one pass of
+  stage 2   self-training as FlexMatch, every step: hard pseudo-labels of a batch of the pool from the
+            current model, FlexMatch's class-wise thresholds (memory updated every step), one strong
+            view per selected sample (back-translation, random token masking, or mixup of sentence
+            embeddings with Beta(4, 4) soft labels, Eq. 9-11); an iteration is one pass over the pool
             Eq. 12-14  L_SSL = CE(source batch) + lambda_u * CE(target views)
 
 Model selection uses English dev only (zero-shot); target gold labels are read only for the
@@ -52,13 +51,15 @@ from tqdm import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from common import utils
-from common.back_translate import MBART50_CODES, bt_pair, load_backtranslations
+from common.back_translate import bt_pair, check_bt_args, load_backtranslations
 from common.run import Run, RunArgs
-from common.stages import (CHECKPOINT_KEYS, HANDOFF, Net, Progress, accuracy, check_stop, checkpoint_fields, diagnose,
-                           finish_stage, handoff_file, predict, print_table, record, save, staged_summary, to_device,
+from common.stages import (CHECKPOINT_KEYS, HANDOFF, Net, Progress, accuracy, balanced_prior_weights,  # noqa: F401
+                           check_stop, checkpoint_fields, class_fractions, confident_pool_record, flexmatch_record,
+                           diagnose, distance_scale, finish_stage, handoff_file, predict, print_table, prior_corrected,
+                           prior_correction_record, record_eval, save, staged_summary, tally_step, to_device,
                            train_step, trainable)
-from common.text_data import (SOURCES, XNLI_LANGS, Example, SourceStream, TargetData, XnliData, check_transfer_sizes,
-                              grouped_order, load_xnli_transfer, pass_key, tokenize_pairs)
+from common.text_data import (SOURCES, XNLI_LANGS, Example, SourceStream, TargetData, XnliData, check_transfer_args,
+                              check_transfer_sizes, grouped_order, load_xnli_transfer, pass_key, tokenize_pairs)
 from common.text_models import (TrainableState, freeze_word_embeddings, load_encoder, load_trainable, mean_pool,
                                 resolve_pooling, tiny_encoder)
 from common.utils import MissingError, UsageError, arg
@@ -86,6 +87,8 @@ class Args(RunArgs):
     langs: list[str] = arg(["all"], "target languages (XNLI codes) or 'all' (15); stage 0 is trained once for all")
     source_task: str = arg("mnli", "labeled English source: MultiNLI (the paper) or SNLI", choices=["mnli", "snli"])
     source_splits: list[str] = arg(["train"], "source splits, concatenated (snli locally: dev test)")
+    source_add: str = arg("none", "ours: add English NLI pairs to every stage's source; sick = all 9,840 SICK pairs "
+                          "(--limit-train applies to --source-task only)", choices=["none", "sick"])
     pool_split: str = arg("dev", "XNLI split of the unlabeled target pool (labels dropped)", choices=["dev", "test"])
     eval_split: str = arg("test", "XNLI split of the target language that is evaluated", choices=["dev", "test"])
     select_lang: str = arg("en", "language of the model-selection set (English: zero-shot)")
@@ -98,6 +101,8 @@ class Args(RunArgs):
     wo_mixup: bool = arg(False, "Table 3 'w/o mixup': stage 2 without mixup views")
     wo_bt: bool = arg(False, "Table 3 'w/o back-translation': stage 2 without back-translated views")
     wo_conl: bool = arg(False, "skip stage 1 (not a Table 3 row); with --wo-st: the zero-shot baseline")
+    clcs_only: bool = arg(False, "control (not a Table 3 row): stage 1 trains lambda * L_CLCS alone, no L_CL, to "
+                          "show what the contrastive term adds")
     handoff: str = arg("best", "model a stage hands on: its best-English-dev or its last", choices=["best", "last"])
     # -- model
     model: str = arg("bert-base-multilingual-cased", "encoder: HF name or directory, e5-small (offline), or tiny")
@@ -124,21 +129,29 @@ class Args(RunArgs):
     s1_eval_every: int = arg(0, "stage 1: evaluate every N steps (0: at the end of each epoch)", ge=0)
     gamma: float = arg(0.9, "Eq. 4/5 confidence threshold gamma (not given; Table 4's high bin edge)", gt=0, le=1)
     k_neg: int = arg(8, "Eq. 5: negatives per anchor K (not given)")
-    tau: float = arg(1.0, "Eq. 6 temperature (not given; Prototypical Networks use none, i.e. 1)", gt=0)
+    tau: float = arg(1.0, "Eq. 6 temperature (not given; Prototypical Networks: 1); the cpu runs logged a saturated "
+                     "l_cl (d2_pos, d2_neg: the scale); with --con-normalize try 0.05-0.1, chosen on English dev only",
+                     gt=0)
     distance: str = arg("sqeuclidean", "Eq. 6 distance (Snell et al.: squared)", choices=["sqeuclidean", "euclidean"])
-    con_normalize: bool = arg(False, "L2-normalize the contrastive head's output before the distance")
+    con_normalize: bool = arg(False, "L2-normalize the contrastive head's output before the distance (with --tau "
+                              "0.05-0.1; off by default until chosen on English dev)")
     comp_label: str = arg("sample", "Eq. 4, max q >= gamma: one class != argmax q, or all", choices=["sample", "all"])
     neg_sharing: str = arg("anchor", "Eq. 5 draws per anchor, or per label per batch", choices=["anchor", "batch"])
     lambda_clcs: float = arg(1e-3, "Eq. 8 lambda (paper: 0.001)")
     # -- stage 2 (self-training)
-    s2_iterations: int = arg(3, "stage 2: self-training iterations (pseudo-label, select, one pass; not given)")
+    s2_iterations: int = arg(3, "stage 2: self-training iterations, each one pass over the pool (not given)")
     s2_lr: float = arg(2e-5, "stage 2: Adam learning rate (not given; ours: stage 0's)", gt=0)
-    s2_batch_size: int = arg(32, "stage 2: target views per step")
+    s2_batch_size: int = arg(32, "stage 2: pool pairs per step (FlexMatch's unlabeled batch; the selected get a view)")
     s2_source_batch_size: int = arg(32, "stage 2: source pairs per step (l_sup, Eq. 13)")
     lambda_u: float = arg(1.0, "Eq. 12 weight of the target loss (paper: 1); 0 = a source-only control")
     flex_threshold: float = arg(0.95, "FlexMatch base threshold (FlexMatch's default)", gt=0, le=1)
     flex_mapping: str = arg("convex", "FlexMatch mapping M: convex x/(2-x) or linear x", choices=["convex", "linear"])
     flex_warmup: bool = arg(True, "FlexMatch threshold warm-up (unused samples count in the normalizer)")
+    flex_floor: float = arg(0.0, "ours: floor under every FlexMatch threshold (0: off; e.g. --gamma's value)", ge=0,
+                            le=1)
+    pl_dropout: bool = arg(False, "stage 2: pseudo-labels from a dropout pass (Sec. 3.3's weak view), not eval mode")
+    prior_correction: bool = arg(False, "ours: rescale the stage-0 model's target probabilities so that their mean "
+                                 "over the pool is uniform (XNLI is balanced), for zero-shot acc_prior and stage 1")
     mask_ratio: float = arg(0.15, "random masking: probability of masking each token (not given)", lt=1)
     mixup_alpha: float = arg(4.0, "Eq. 11 Beta(alpha, alpha) (paper: 4)", gt=0)
     bt: str = arg("mbart", "mbart (from common.back_translate), file (--bt-file)", choices=["mbart", "file", "off"])
@@ -184,31 +197,14 @@ def validate(args: Args) -> None:
     langs = resolve_langs(args)
     if not langs:
         raise UsageError("--langs: give at least one XNLI language, or 'all'")
-    for lang in langs + [args.select_lang]:
-        if lang not in XNLI_LANGS:
-            flag = "--select-lang" if lang == args.select_lang and lang not in langs else \
-                "--lang" if args.lang else "--langs"
-            raise UsageError(f"{flag} {lang}: allowed are {', '.join(XNLI_LANGS)} (or 'all' for --langs)")
-    if args.select_lang in langs and args.select_split == args.eval_split:  # (the paper: en dev selects, en test)
-        raise UsageError(f"--select-lang {args.select_lang}: is a target language evaluated on the same split "
-                         f"({args.eval_split}); select on another language or --select-split")
-    if len(set(langs)) != len(langs):
-        raise UsageError(f"--langs {' '.join(langs)}: a language is listed twice")
-    if args.pool_split == args.eval_split:
-        raise UsageError(f"--pool-split {args.pool_split}: equals --eval-split; the unlabeled pool must not be "
-                         "the evaluation set")
-    if args.source_task == "snli" and not set(args.source_splits) <= {"dev", "test", "train"}:
-        raise UsageError(f"--source-splits {' '.join(args.source_splits)}: snli has train, dev, test")
+    check_transfer_args(args, langs)  # languages, selection language, splits (common.text_data)
     if args.wo_conl and (args.wo_cl or args.wo_clcs):
         raise UsageError("--wo-conl: skips stage 1, so --wo-cl / --wo-clcs have nothing to act on")
+    if args.clcs_only and (args.wo_conl or args.wo_cl or args.wo_clcs):
+        raise UsageError("--clcs-only: stage 1 with L_CLCS alone; not with --wo-conl, --wo-cl or --wo-clcs")
     if args.wo_st and (args.wo_mixup or args.wo_bt):
         raise UsageError("--wo-st: skips stage 2, so --wo-mixup / --wo-bt have nothing to act on")
-    if args.bt == "file" and not args.bt_file:
-        raise UsageError("--bt file: needs --bt-file PATH (TSV 'original<TAB>back-translation')")
-    if args.bt_file and args.bt != "file":
-        raise UsageError(f"--bt-file: given with --bt {args.bt}; use --bt file")
-    if args.bt_pivot not in MBART50_CODES and args.bt == "mbart":
-        raise UsageError(f"--bt-pivot {args.bt_pivot}: allowed are {', '.join(MBART50_CODES)}")
+    check_bt_args(args)  # --bt, --bt-file, --bt-pivot (common.back_translate)
     if args.pooling == "pooler" and args.model == "e5-small":
         raise UsageError("--pooling pooler: e5-small has no pooler weights; use mean (its convention) or cls")
 
@@ -222,7 +218,7 @@ def method_name(args: Args) -> str:
     if args.wo_conl and args.wo_st:
         return "zeroshot"
     name = "conlst"
-    for flag in ("wo_st", "wo_cl", "wo_clcs", "wo_mixup", "wo_bt", "wo_conl"):
+    for flag in ("wo_st", "wo_cl", "wo_clcs", "wo_mixup", "wo_bt", "wo_conl", "clcs_only"):
         if getattr(args, flag):
             name += "_" + flag
     return name
@@ -384,16 +380,32 @@ def flexmatch_update_memory(memory: torch.Tensor, max_probs: torch.Tensor, preds
 
 
 def flexmatch_thresholds(memory: torch.Tensor, num_classes: int, base: float, warmup: bool = True,
-                         mapping: str = "convex") -> torch.Tensor:
-    """Class-wise thresholds T_c = base * M(beta_c), beta_c = sigma_c / max(max_c sigma_c, #unused)
-    with warm-up (sigma_c / max_c sigma_c without), sigma_c = #{i: memory_i = c}; M(x) = x/(2-x)
-    (convex) or x. Nothing learnt yet: beta = 0, i.e. T_c = 0 (as FlexMatch's start)."""
-    sigma = torch.bincount(memory[memory >= 0], minlength=num_classes).float()
-    denom = sigma.max()
-    if warmup:
-        denom = torch.maximum(denom, (memory < 0).sum().float())
-    beta = sigma / denom if denom > 0 else torch.zeros_like(sigma)
-    return base * (beta / (2.0 - beta) if mapping == "convex" else beta)
+                         mapping: str = "convex", previous: torch.Tensor | None = None,
+                         floor: float = 0.0) -> torch.Tensor:
+    """Class-wise thresholds T_c = max(floor, base * M(beta_c)), beta_c = sigma_c / max(max_c sigma_c,
+    #unused) with warm-up (sigma_c / max_c sigma_c without), sigma_c = #{i: memory_i = c}; M(x) =
+    x/(2-x) (convex) or x. As FlexMatch, no update while one value fills the memory (all unused: the
+    start; all one class): `previous` stays (None: T_c = 0, FlexMatch's start). floor: ours, 0 = off."""
+    counts = torch.bincount(memory + 1, minlength=num_classes + 1).float()  # [#unused, sigma_0, sigma_1, ...]
+    if counts.max() >= memory.numel():
+        thr = previous if previous is not None else torch.zeros(num_classes)
+    else:
+        sigma = counts[1:]
+        beta = sigma / (counts.max() if warmup else sigma.max())
+        thr = base * (beta / (2.0 - beta) if mapping == "convex" else beta)
+    return thr.clamp(min=floor)
+
+
+def flexmatch_step(memory: torch.Tensor, previous: torch.Tensor | None, idx: torch.Tensor, probs: torch.Tensor,
+                   args: Args) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One FlexMatch step on the unlabeled batch `idx` (pool rows, pseudo-label probabilities `probs`):
+    thresholds from the memory as it stands, the batch's selection (Eq. 14), then the memory updated in
+    place (FlexMatch's order). Returns (selected mask, pseudo-labels, thresholds)."""
+    conf, pred = probs.max(1)
+    thr = flexmatch_thresholds(memory, NUM_CLASSES, args.flex_threshold, args.flex_warmup, args.flex_mapping,
+                               previous, args.flex_floor)
+    memory[idx] = flexmatch_update_memory(memory[idx], conf, pred, args.flex_threshold)
+    return select_confident_eq14(conf, pred, thr), pred, thr
 
 
 def select_confident_eq14(max_probs: torch.Tensor, preds: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
@@ -462,7 +474,12 @@ def make_conl_batch(net: Net, pool: list[tuple[str, str]], anchor_pairs: list[tu
 def conl_step(model: CoNLSTModel, batch: dict, args: Args) -> tuple[torch.Tensor, dict]:
     """Stage 1: L_CoNL = L_CL + lambda * L_CLCS (Eq. 8). One encoder pass over [anchors,
     anchors again (the second dropout view), negatives]; the classifier learns only through
-    L_CLCS. --wo-cl: Eq. 1 on the anchors (their Eq. 4 labels) instead of L_CL."""
+    L_CLCS. --wo-cl: Eq. 1 on the anchors (their Eq. 4 labels) instead of L_CL; --clcs-only: lambda *
+    L_CLCS alone. Also logged: no_neg_frac (anchors without a negative) and the distance scale as the loss
+    sees it: d2_pos (anchor-positive), d2_neg_sum / n_neg (mean over the valid anchor-negative pairs)."""
+    if args.clcs_only:  # the control: a source batch only
+        l_clcs = clcs_loss_eq7(model(batch["src"]), batch["src_labels"])
+        return args.lambda_clcs * l_clcs, {"l_clcs": l_clcs.detach()}
     b, tgt = batch["n_anchor"], batch["tgt"]
     n_rows = tgt["input_ids"].shape[0]
     terms: dict[str, torch.Tensor] = {}
@@ -482,6 +499,9 @@ def conl_step(model: CoNLSTModel, batch: dict, args: Args) -> tuple[torch.Tensor
         terms["l_cl"] = contrastive_negative_loss_eq6(h_anchor, h_pos, h_neg, batch["neg_valid"], args.tau,
                                                       args.distance)
         terms["no_neg_frac"] = (~batch["neg_valid"].any(1)).float().mean()
+        terms["d2_pos"] = (h_anchor - h_pos).pow(2).sum(-1).mean()
+        d2_neg = (h_anchor[:, None, :] - h_neg).pow(2).sum(-1)
+        terms["d2_neg_sum"], terms["n_neg"] = d2_neg[batch["neg_valid"]].sum(), batch["neg_valid"].sum().float()
         loss = terms["l_cl"]
     if not args.wo_clcs and "src" in batch:
         terms["l_clcs"] = clcs_loss_eq7(model(batch["src"]), batch["src_labels"])
@@ -493,7 +513,9 @@ def make_st_batch(net: Net, args: Args, bt: dict[str, str] | None, pairs: list[t
                   labels: list[int], source: list[Example]) -> dict:
     """Stage 2: one strong view per target sample: 'bt' (the back-translated pair), 'mask'
     (random token masking) or 'mixup' (the original text; its pooled vector is mixed in the
-    step with a random other sample of the batch, lambda ~ Beta(alpha, alpha))."""
+    step with a random other sample of the batch, lambda ~ Beta(alpha, alpha)). No pairs: source only."""
+    if not pairs:
+        return make_ft_batch(net, source)
     view_pairs = [bt_pair(bt, p) if k == "bt" else p for p, k in zip(pairs, kinds)]
     enc = tokenize_pairs(net.tok, view_pairs, net.prefix, net.max_length, maskable=True)
     to_mask = torch.tensor([k == "mask" for k in kinds])
@@ -512,43 +534,22 @@ def make_st_batch(net: Net, args: Args, bt: dict[str, str] | None, pairs: list[t
 
 def st_step(model: CoNLSTModel, batch: dict, args: Args) -> tuple[torch.Tensor, dict]:
     """Stage 2: L_SSL = CE(source) + lambda_u * CE(target views, hard pseudo-labels; soft for
-    mixup rows) (Eq. 12-14)."""
+    mixup rows) (Eq. 12-14). u_frac (selected / unlabeled batch; default 1) makes the target term
+    FlexMatch's mean over the whole unlabeled batch, the unselected counting 0 (l_u logs that term)."""
+    l_sup = F.cross_entropy(model(batch["src"]).float(), batch["src_labels"])
+    if "tgt" not in batch:  # nothing selected in this batch
+        return l_sup, {"l_sup": l_sup.detach(), "l_u": torch.zeros(())}
     pooled = model.pool(batch["tgt"])
     onehot = F.one_hot(batch["tgt_labels"], NUM_CLASSES).to(pooled.dtype)
     p = batch["partner"]
     mixed_x, mixed_y = mixup_eq9_10(pooled, pooled[p], onehot, onehot[p], batch["lam"])
     m = batch["is_mixup"][:, None]
     x, y = torch.where(m, mixed_x, pooled), torch.where(m, mixed_y, onehot)
-    l_u = soft_cross_entropy(model.classify(x), y.float())
-    l_sup = F.cross_entropy(model(batch["src"]).float(), batch["src_labels"])
+    l_u = batch.get("u_frac", 1.0) * soft_cross_entropy(model.classify(x), y.float())
     return l_sup + args.lambda_u * l_u, {"l_sup": l_sup.detach(), "l_u": l_u.detach()}
 
 
-# ==== Evaluation (predict, accuracy and the confidence diagnostics: common.stages) ===========================
-def evaluate(net: Net, data: XnliData, args: Args, lang: str | None,
-             en_dev_acc: float | None = None) -> tuple[dict, torch.Tensor | None]:
-    """English-dev accuracy (model selection; `en_dev_acc` when already known) and, for a
-    language, its evaluation accuracy. Returns (metrics, the evaluation set's probabilities or None)."""
-    out: dict[str, float] = {} if en_dev_acc is None else {"en_dev_acc": en_dev_acc}
-    probs = None
-    if lang is not None:
-        target = data.targets[lang]
-        probs = predict(net, [(e.text_a, e.text_b) for e in target.eval], args.eval_batch_size)
-        out["acc"] = accuracy(probs, target.eval)
-    if "en_dev_acc" not in out:
-        out["en_dev_acc"] = accuracy(predict(net, [(e.text_a, e.text_b) for e in data.select], args.eval_batch_size),
-                                     data.select)
-    return out, probs
-
-
-# ==== The three stages (train_step, record, save, check_stop, finish_stage: common.stages) ===================
-def record_eval(run: Run, net: Net, data: XnliData, prog: Progress, stage: int, lang: str | None, epoch: float,
-                extra: dict | None = None, en_dev_acc: float | None = None, keep: bool = True):
-    """Evaluate and record it (common.stages.record: metrics line, history, the stage's best); (record, probs)."""
-    evaluated = evaluate(net, data, run.args, lang, en_dev_acc)
-    return record(run, net, prog, evaluated, stage, lang, epoch, extra, keep)
-
-
+# ==== The three stages (evaluation, train_step, record_eval, save, check_stop, finish_stage: common.stages) =====
 # ---- stage 0: English fine-tuning (ours: AdamW, linear warm-up then decay, best English-dev epoch) ----------
 def stage0(run: Run, net: Net, data: XnliData, prog: Progress, resumed: dict, path: Path) -> None:
     args, source, item = run.args, data.source, prog.item
@@ -589,6 +590,10 @@ def zero_shot(run: Run, net: Net, data: XnliData, prog: Progress, lang: str, sta
     known = (meta.get("record") or {}).get("en_dev_acc")  # stage 0's own English-dev result
     _, probs = record_eval(run, net, data, prog, 0, lang, 0, en_dev_acc=known, keep=False)
     diagnose(run, net, data, prog, lang, "after_stage0", probs)
+    res, bs = prog.results[lang], run.args.eval_batch_size
+    res["stage0_pred_frac"] = class_fractions(probs)  # XNLI is balanced: 1/3 each
+    if run.args.prior_correction:  # ours: weights from the unlabeled pool, applied to the evaluation set
+        res["prior_correction"] = prior_correction_record(net, data.targets[lang], probs, bs)
 
 
 # ---- stage 1: contrastive negative learning (Eq. 4-8) --------------------------------------------------------
@@ -598,11 +603,15 @@ def stage1_conl(run: Run, net: Net, data: XnliData, prog: Progress, lang: str, r
     if "probs" not in item:  # fresh start: the stage-0 model's pseudo-labels, fixed for the stage
         load_trainable(stage0_path, net.model, HANDOFF)
         item["probs"] = predict(net, pool, args.eval_batch_size)
+        if args.prior_correction:  # ours: toward the balanced target
+            item["prior_weights"] = balanced_prior_weights(item["probs"])
+            item["probs"] = prior_corrected(item["probs"], item["prior_weights"])
     probs = item["probs"]
     hc_idx, hc_label = high_confidence_pool_eq5(probs, args.gamma)
-    stats = {"pool": len(pool), "high_conf": int(len(hc_idx)),
-             "high_conf_per_class": torch.bincount(hc_label, minlength=NUM_CLASSES).tolist()}
-    prog.results.setdefault(lang, {})["stage1_pool"] = stats
+    stats = confident_pool_record(f"stage 1 {lang}", len(pool), hc_label, NUM_CLASSES, args.gamma,
+                                  warn=not (args.wo_cl or args.clcs_only))  # warns when fewer than 2 classes
+    prog.results.setdefault(lang, {})["stage1_pool"] = {**stats, "prior_weights": item.get("prior_weights")}
+    stats = prog.results[lang]["stage1_pool"]
     opt = torch.optim.Adam(trainable(net.model), lr=args.s1_lr)
     if resumed.get("optimizer"):
         opt.load_state_dict(resumed["optimizer"])
@@ -618,53 +627,46 @@ def stage1_conl(run: Run, net: Net, data: XnliData, prog: Progress, lang: str, r
         for b in bar:
             anchors = torch.tensor(order[b * bs:(b + 1) * bs])
             comp = complementary_labels_eq4(probs[anchors], args.gamma, args.comp_label)  # Eq. 4
-            if args.wo_cl:  # no negatives needed
+            if args.wo_cl or args.clcs_only:  # no negatives needed
                 neg_idx, neg_valid = torch.zeros(len(anchors), 0, dtype=torch.long), torch.zeros(len(anchors), 0).bool()
             else:  # Eq. 5
                 neg_idx, neg_valid = sample_negatives_eq5(comp, hc_idx, hc_label, args.k_neg, args.neg_sharing)
+                no_neg = item.get("no_neg", [0, 0])
+                item["no_neg"] = [no_neg[0] + int((~neg_valid.any(1)).sum()), no_neg[1] + len(anchors)]
             source = [] if args.wo_clcs else src.next(args.s1_source_batch_size)  # Eq. 7's source batch
-            batch = make_conl_batch(net, pool, [pool[i] for i in anchors.tolist()], comp, neg_idx, neg_valid, source)
+            batch = make_ft_batch(net, source) if args.clcs_only else \
+                make_conl_batch(net, pool, [pool[i] for i in anchors.tolist()], comp, neg_idx, neg_valid, source)
             loss = train_step(run, net, prog, opt, None, conl_step, batch, len(anchors) + len(source))  # Eq. 6-8
             bar.set_postfix(loss=f"{loss:.3f}")
             item["batch"], item["src"] = b + 1, src.state
             if args.s1_eval_every and item["batch"] % args.s1_eval_every == 0 and item["batch"] < per_epoch:
-                record_eval(run, net, data, prog, 1, lang, epoch + item["batch"] / per_epoch)
+                record_eval(run, net, data, prog, 1, lang, epoch + item["batch"] / per_epoch, distance_scale(run))
                 save(run, prog, opt)
             check_stop(run, prog, opt)
         item["epoch"], item["batch"] = epoch + 1, 0
-        record_eval(run, net, data, prog, 1, lang, epoch + 1, {"high_conf": stats["high_conf"]})
+        record_eval(run, net, data, prog, 1, lang, epoch + 1, {"high_conf": stats["high_conf"], **distance_scale(run),
+                                                               "high_conf_classes": stats["high_conf_classes"]})
+        stats["no_neg_frac"] = item["no_neg"][0] / max(item["no_neg"][1], 1) if "no_neg" in item else None
         save(run, prog, opt)
     finish_stage(run, net, prog, run.dir / f"stage1_{lang}.pt", con_dim=args.con_dim)
     diagnose(run, net, data, prog, lang, "after_stage1", item.get("best_probs"))
 
 
 # ---- stage 2: self-training (FlexMatch selection, strong views, Eq. 9-14) ---------------------------------------
-def plan_iteration(args: Args, net: Net, target: TargetData, item: dict) -> dict:
-    """Pseudo-label the pool with the current model (eval mode, hard labels: Eq. 14's text), update
-    FlexMatch's memory, select with the class-wise thresholds, and give each selected sample one
-    strong view drawn uniformly among those enabled (back-translation only where one exists)."""
-    probs = predict(net, target.pool, args.eval_batch_size)
-    conf, pred = probs.max(1)
-    item["memory"] = flexmatch_update_memory(item["memory"], conf, pred, args.flex_threshold)
-    thr = flexmatch_thresholds(item["memory"], NUM_CLASSES, args.flex_threshold, args.flex_warmup, args.flex_mapping)
-    selected = torch.nonzero(select_confident_eq14(conf, pred, thr)).squeeze(1)
+def strong_views(args: Args, target: TargetData, rows: list[int]) -> list[str]:
+    """One strong view per selected pool row, drawn uniformly among those enabled (back-translation
+    only where one exists)."""
     kinds = ["mask"] + ([] if args.wo_mixup else ["mixup"])
-    with_bt = kinds + ["bt"] if bt_enabled(args) else kinds
-    choice = []
-    for i in selected.tolist():
-        options = with_bt if bt_pair(target.bt, target.pool[i]) else kinds
-        choice.append(options[int(torch.randint(len(options), (1,)))])
-    stats = {"n_selected": len(choice), "selected_frac": len(choice) / max(len(target.pool), 1),
-             "thresholds": [round(x, 4) for x in thr.tolist()],
-             "selected_per_class": torch.bincount(pred[selected], minlength=NUM_CLASSES).tolist(),
-             "views": {k: choice.count(k) for k in ("bt", "mask", "mixup")},
-             "bt_available": sum(bt_pair(target.bt, target.pool[i]) is not None for i in selected.tolist())
-             if target.bt else 0}
-    return {"selected": selected.tolist(), "labels": pred[selected].tolist(), "kinds": choice, "stats": stats}
+    options = [kinds + ["bt"] if bt_enabled(args) and bt_pair(target.bt, target.pool[i]) else kinds for i in rows]
+    return [o[int(torch.randint(len(o), (1,)))] for o in options]
 
 
 def stage2_self_training(run: Run, net: Net, data: XnliData, prog: Progress, lang: str, resumed: dict,
                          start: Path) -> None:
+    """FlexMatch every step: a batch of the pool is pseudo-labeled by the current model (hard labels,
+    Eq. 14's text; eval mode, or a dropout pass with --pl-dropout), selected with the class-wise
+    thresholds, the memory updated (flexmatch_step), one strong view per selected sample trained on;
+    an iteration is one pass over the pool. metrics.jsonl gets a 'flexmatch' line every step."""
     args, item, target = run.args, prog.item, data.targets[lang]
     pool = target.pool
     if "memory" not in item:  # fresh start from stage 1's hand-off (or stage 0's with --wo-conl)
@@ -675,31 +677,36 @@ def stage2_self_training(run: Run, net: Net, data: XnliData, prog: Progress, lan
         opt.load_state_dict(resumed["optimizer"])
     src = SourceStream(data.source, args.seed, f"s2-{lang}", item.get("src"))
     bs = args.s2_batch_size
+    per_iter = min(math.ceil(len(pool) / bs), args.max_steps or len(pool))
     net.model.train()
     iters = prog.results.setdefault(lang, {}).setdefault("stage2_iterations", [])
     for it in range(item.get("iter", 0), args.s2_iterations):
-        if item.get("plan") is None:
-            item["plan"] = plan_iteration(args, net, target, item)
-            iters.append({"iteration": it + 1, **item["plan"]["stats"]})
-            tqdm.write(f"[stage 2 {lang}] iteration {it + 1}: {item['plan']['stats']}")
-        plan = item["plan"]
-        order = grouped_order([pool[r] for r in plan["selected"]], bs, pass_key(args.seed, "s2", lang, it))
-        n_batches = math.ceil(len(plan["selected"]) / bs)
-        per_iter = min(n_batches, args.max_steps or n_batches)
+        order = grouped_order(pool, bs, pass_key(args.seed, "s2", lang, it))
         bar = tqdm(range(item.get("batch", 0), per_iter), leave=False, disable=None,
                    desc=f"stage 2 {lang} iteration {it + 1}/{args.s2_iterations}")
         for b in bar:
-            sel = order[b * bs:(b + 1) * bs]
-            pairs = [pool[plan["selected"][r]] for r in sel]
+            idx = torch.tensor(order[b * bs:(b + 1) * bs])
+            probs = predict(net, [pool[i] for i in idx.tolist()], args.eval_batch_size, dropout=args.pl_dropout)
+            sel, pred, item["thr"] = flexmatch_step(item["memory"], item.get("thr"), idx, probs, args)
+            picked, labels = idx[sel].tolist(), pred[sel]
+            kinds = strong_views(args, target, picked)
             source = src.next(args.s2_source_batch_size)
-            batch = make_st_batch(net, args, target.bt, pairs, [plan["kinds"][r] for r in sel],
-                                  [plan["labels"][r] for r in sel], source)
-            loss = train_step(run, net, prog, opt, None, st_step, batch, len(pairs) + len(source))  # Eq. 12-14
+            batch = make_st_batch(net, args, target.bt, [pool[r] for r in picked], kinds, labels.tolist(), source)
+            batch["u_frac"] = len(picked) / len(idx)
+            loss = train_step(run, net, prog, opt, None, st_step, batch, len(picked) + len(source))  # Eq. 12-14
+            item["tally"] = tally_step(item.get("tally"), target, len(idx), picked, labels, kinds, NUM_CLASSES)
+            run.log(prog.step, "flexmatch", stage=2, lang=lang, iteration=it + 1, batch=len(idx),
+                    **flexmatch_record(item["memory"], item["thr"], NUM_CLASSES, labels))
             bar.set_postfix(loss=f"{loss:.3f}")
             item["batch"], item["src"] = b + 1, src.state
             check_stop(run, prog, opt)
-        item["iter"], item["batch"], item["plan"] = it + 1, 0, None
-        record_eval(run, net, data, prog, 2, lang, it + 1, {"n_selected": plan["stats"]["n_selected"]})
+        t = item.pop("tally", None) or tally_step(None, target, 0, [], torch.zeros(0, dtype=torch.long), [],
+                                                  NUM_CLASSES)
+        iters.append({"iteration": it + 1, **t, "selected_frac": t["n_selected"] / max(t["n_seen"], 1),
+                      **flexmatch_record(item["memory"], item["thr"], NUM_CLASSES)})
+        tqdm.write(f"[stage 2 {lang}] iteration {it + 1}: {iters[-1]}")
+        item["iter"], item["batch"] = it + 1, 0
+        record_eval(run, net, data, prog, 2, lang, it + 1, {"n_selected": t["n_selected"]})
         save(run, prog, opt)
     finish_stage(run, net, prog, run.dir / f"stage2_{lang}.pt" if args.keep_models else None, con_dim=args.con_dim)
     diagnose(run, net, data, prog, lang, "after_stage2", item.get("best_probs"))
@@ -710,7 +717,8 @@ def build_summary(args: Args, data: XnliData, prog: Progress, langs: list[str], 
     head = {"script": "conlst.py", "method": method_name(args), "dataset": "xnli",
             "setting": f"{args.source_task}->{'+'.join(langs) if len(langs) < len(XNLI_LANGS) else 'all'}",
             "seed": args.seed, "primary_metric": "acc", "model": args.model, "langs": langs,
-            "protocol": {"source": f"{args.source_task} {'+'.join(args.source_splits)} ({len(data.source)} pairs)",
+            "protocol": {"source": f"{args.source_task} {'+'.join(args.source_splits)}"
+                                   f"{' + sick' if args.source_add == 'sick' else ''} ({len(data.source)} pairs)",
                          "pool": f"xnli {args.pool_split} (labels dropped)", "eval": f"xnli {args.eval_split}",
                          "select": f"xnli-{args.select_lang} {args.select_split} ({len(data.select)} pairs)",
                          "back_translation": args.bt if bt_enabled(args) else "off"}}
@@ -737,8 +745,8 @@ def main(args: Args) -> dict:
             data.targets[lang].bt = load_backtranslations(args, lang, data.targets[lang].pool)
     stage0_file = handoff_file("--stage0-from", args.stage0_from, "stage0.pt", args.seed, model=args.model,
                                con_dim=args.con_dim, pooling=model.pooling, prefix=prefix) if args.stage0_from else None
-    net = Net(model, tok, prefix, args.max_length, device, amp_dtype, torch.amp.GradScaler(device.type,
-                                                                                            enabled=use_scaler))
+    net = Net(model, tok, prefix, args.max_length, device, amp_dtype,
+              torch.amp.GradScaler(device.type, enabled=use_scaler))
 
     # ---- the plan: stage 0 (unless reused), then per language: zero-shot evaluation, stage 1, stage 2
     plan: list[tuple[str, str | None]] = [] if stage0_file else [("s0", None)]

@@ -166,6 +166,18 @@ def load_backtranslations(args: Any, lang: str, pool: list[tuple[str, str]]) -> 
     return bt
 
 
+def check_bt_args(args: Any) -> None:
+    """conlst.py's back-translation flags: --bt file needs --bt-file and the reverse; --bt-pivot an mBART-50 code."""
+    from common.utils import UsageError
+
+    if args.bt == "file" and not args.bt_file:
+        raise UsageError("--bt file: needs --bt-file PATH (TSV 'original<TAB>back-translation')")
+    if args.bt_file and args.bt != "file":
+        raise UsageError(f"--bt-file: given with --bt {args.bt}; use --bt file")
+    if args.bt_pivot not in MBART50_CODES and args.bt == "mbart":
+        raise UsageError(f"--bt-pivot {args.bt_pivot}: allowed are {', '.join(MBART50_CODES)}")
+
+
 def bt_pair(bt: dict[str, str] | None, pair: tuple[str, str]) -> tuple[str, str] | None:
     """The back-translated pair, or None when either sentence has no translation."""
     if not bt:

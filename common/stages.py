@@ -12,6 +12,7 @@ next stage, and the per-language summary. Each function takes the `common.run.Ru
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -77,11 +78,11 @@ def to_device(enc: dict[str, torch.Tensor], device: torch.device) -> dict[str, t
 
 
 @torch.no_grad()
-def predict(net: Net, pairs: list[tuple[str, str]], batch_size: int) -> torch.Tensor:
-    """Class probabilities [N, C] (eval mode, batches sorted by length), on the CPU."""
+def predict(net: Net, pairs: list[tuple[str, str]], batch_size: int, dropout: bool = False) -> torch.Tensor:
+    """Class probabilities [N, C] (eval mode, or train mode with `dropout`; batches sorted by length), on the CPU."""
     model = net.model
     was_training = model.training
-    model.eval()
+    model.train(dropout)
     order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
     out = torch.zeros(len(pairs), model.classifier.out_features)
     for s in range(0, len(order), batch_size):
@@ -92,6 +93,31 @@ def predict(net: Net, pairs: list[tuple[str, str]], batch_size: int) -> torch.Te
         out[idx] = logits.float().softmax(1).cpu()
     model.train(was_training)
     return out
+
+
+def prior_corrected(probs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """p_ic * w_c / sum_k p_ik * w_k: class probabilities under another class prior (weights: the ratio
+    of the new prior to the old one)."""
+    scaled = probs * weights
+    return scaled / scaled.sum(1, keepdim=True)
+
+
+def balanced_prior_weights(probs: torch.Tensor, iters: int = 100) -> torch.Tensor:
+    """Ours, not a paper's (conlst.py --prior-correction): class weights w (summing to 1) with which the
+    corrected probabilities (prior_corrected) average to the uniform distribution over `probs`' rows
+    (unlabeled target samples; a known balanced target prior, as XNLI's), by fixed-point iteration
+    w_c <- w_c / (C * mean_i p'_ic). Reads no label."""
+    c = probs.shape[1]
+    w = torch.full((c,), 1.0 / c)
+    for _ in range(iters):
+        w = w / (c * prior_corrected(probs, w).mean(0))
+        w = w / w.sum()
+    return w
+
+
+def class_fractions(probs: torch.Tensor) -> list[float]:
+    """The fraction of rows predicted as each class (argmax)."""
+    return (torch.bincount(probs.argmax(1), minlength=probs.shape[1]).float() / max(len(probs), 1)).tolist()
 
 
 def accuracy(probs: torch.Tensor, examples: list[Example]) -> float:
@@ -201,6 +227,90 @@ def handoff_file(flag: str, given: str, name: str, seed: int, **expected: Any) -
     if meta.get("seed") != seed:
         print(f"note: {flag} was trained with seed {meta.get('seed')}, this run uses seed {seed}")
     return path
+
+
+# ---- evaluation on XNLI: English dev (model selection) and a target language's evaluation set --------------
+def evaluate(net: Net, data: XnliData, args: Any, lang: str | None,
+             en_dev_acc: float | None = None) -> tuple[dict, torch.Tensor | None]:
+    """English-dev accuracy (model selection; `en_dev_acc` when already known) and, for a
+    language, its evaluation accuracy. Returns (metrics, the evaluation set's probabilities or None)."""
+    out: dict[str, float] = {} if en_dev_acc is None else {"en_dev_acc": en_dev_acc}
+    probs = None
+    if lang is not None:
+        target = data.targets[lang]
+        probs = predict(net, [(e.text_a, e.text_b) for e in target.eval], args.eval_batch_size)
+        out["acc"] = accuracy(probs, target.eval)
+    if "en_dev_acc" not in out:
+        out["en_dev_acc"] = accuracy(predict(net, [(e.text_a, e.text_b) for e in data.select], args.eval_batch_size),
+                                     data.select)
+    return out, probs
+
+
+def record_eval(run: Run, net: Net, data: XnliData, prog: Progress, stage: int, lang: str | None, epoch: float,
+                extra: dict | None = None, en_dev_acc: float | None = None, keep: bool = True):
+    """Evaluate and record it (record: metrics line, history, the stage's best); (record, probs)."""
+    evaluated = evaluate(net, data, run.args, lang, en_dev_acc)
+    return record(run, net, prog, evaluated, stage, lang, epoch, extra, keep)
+
+
+def prior_correction_record(net: Net, target: Any, eval_probs: torch.Tensor, batch_size: int) -> dict:
+    """Ours (conlst.py --prior-correction): the weights of balanced_prior_weights from the model's
+    predictions on the unlabeled pool, and the evaluation set's accuracy and class fractions under them."""
+    w = balanced_prior_weights(predict(net, target.pool, batch_size))
+    fixed = prior_corrected(eval_probs, w)
+    return {"weights": w.tolist(), "acc_prior": accuracy(fixed, target.eval), "pred_frac": class_fractions(fixed)}
+
+
+# ---- bookkeeping of conlst.py's stages 1 and 2 ---------------------------------------------------------------
+def distance_scale(run: Run) -> dict:
+    """d2_neg for the next stage-1 evaluation record: the mean squared anchor-negative distance over
+    the valid pairs of the steps since the last record (conlst.conl_step logs their sum and count)."""
+    n = run.sums.get("n_neg", 0.0)
+    return {"d2_neg": run.sums["d2_neg_sum"] / n} if n else {}
+
+
+def class_counts(labels: torch.Tensor, num_classes: int) -> list[int]:
+    return torch.bincount(labels, minlength=num_classes).tolist()
+
+
+def flexmatch_record(memory: torch.Tensor, thresholds: torch.Tensor, num_classes: int,
+                     labels: torch.Tensor | None = None) -> dict:
+    """conlst.py's FlexMatch state: the thresholds, the memory's classes and the samples never confident,
+    and (`labels`) a step's selected pseudo-labels per class; what metrics.jsonl and summary.json record."""
+    out = {"thresholds": [round(x, 4) for x in thresholds.tolist()],
+           "memory_per_class": class_counts(memory[memory >= 0], num_classes), "memory_unused": int((memory < 0).sum())}
+    return out if labels is None else {**out, "selected_per_class": class_counts(labels, num_classes)}
+
+
+def confident_pool_record(where: str, n_pool: int, labels: torch.Tensor, num_classes: int, gamma: float,
+                          warn: bool = True) -> dict:
+    """conlst.py's stage-1 high-confidence pool (the pseudo-labels `labels` of the pool samples with max q
+    >= gamma): its size and classes; with `warn`, a line on stderr when it holds fewer than two classes
+    (then most anchors have no negative of their complementary class and L_CL is 0 for them)."""
+    out = {"pool": n_pool, "high_conf": len(labels), "high_conf_per_class": class_counts(labels, num_classes),
+           "high_conf_classes": len(labels.unique())}
+    if warn and out["high_conf_classes"] < 2:
+        print(f"warning: {where}: the confident pool (max q >= gamma {gamma}) has {out['high_conf_classes']} "
+              f"class(es), {out['high_conf_per_class']}: anchors whose complementary label is another class get no "
+              "negative (no_neg_frac), where L_CL is 0", file=sys.stderr)
+    return out
+
+
+def tally_step(tally: dict | None, target: Any, n_seen: int, rows: list[int], labels: torch.Tensor, kinds: list[str],
+               num_classes: int) -> dict:
+    """Add one stage-2 step (`n_seen` pool pairs, the selected `rows` with pseudo-labels `labels` and
+    view kinds `kinds`) to its iteration's counts (summary.json's stage2_iterations)."""
+    from common.back_translate import bt_pair
+
+    t = tally or {"n_seen": 0, "n_selected": 0, "selected_per_class": [0] * num_classes,
+                  "views": {"bt": 0, "mask": 0, "mixup": 0}, "bt_available": 0}
+    t["n_seen"] += n_seen
+    t["n_selected"] += len(rows)
+    t["selected_per_class"] = [a + b for a, b in zip(t["selected_per_class"], class_counts(labels, num_classes))]
+    for k in kinds:
+        t["views"][k] += 1
+    t["bt_available"] += sum(bt_pair(target.bt, target.pool[i]) is not None for i in rows) if target.bt else 0
+    return t
 
 
 # ---- the summary: per language, and the average over the languages -----------------------------------------

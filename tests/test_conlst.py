@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 import conlst
 from benchmarks import confidence
-from common import back_translate, text_data
+from common import back_translate, stages, text_data
 from common.text_data import Example, load_text_task, subset_indices
 from common.text_models import tiny_encoder
 from common.utils import MissingError, UsageError, parse_args
@@ -211,6 +211,150 @@ def test_flexmatch_memory_and_selection():
     assert sel.tolist() == [True, False, True, True]
 
 
+def _flexmatch_reference(memory, num_classes, base, warmup, previous):
+    """FlexMatch's own update (TorchSSL flexmatch.py: Counter over selected_label, skipped while one value
+    fills it), then T_c = base * M(classwise_acc_c) with the convex M."""
+    from collections import Counter
+
+    counter = Counter(memory.tolist())
+    acc = list(previous)
+    if max(counter.values()) < len(memory):
+        wo = {k: v for k, v in counter.items() if k != -1}
+        denom = max(counter.values()) if warmup else max(wo.values())
+        acc = [counter[c] / denom for c in range(num_classes)]
+    return torch.tensor([base * a / (2 - a) for a in acc])
+
+
+@pytest.mark.parametrize("warmup", [True, False])
+def test_flexmatch_thresholds_equal_flexmatch_on_hand_made_memories(warmup):
+    states = [[-1] * 10, [0, -1, -1, -1, -1, -1], [0, 0, 0, 1, -1, -1, -1, -1, -1, -1], [0, 0, 1, 1, 2, -1],
+              [0] * 5 + [1] * 2 + [-1] * 3, [2, 2, 2, 1], [1, 1, 1, 1], [0, 0, 2, 2, 2, 2, 2, 2, 2, -1]]
+    acc = [0.0, 0.0, 0.0]  # FlexMatch's classwise_acc starts at 0
+    prev = None
+    for state in states:
+        memory = torch.tensor(state)
+        got = conlst.flexmatch_thresholds(memory, 3, 0.95, warmup, "convex", previous=prev)
+        ref = _flexmatch_reference(memory, 3, 0.95, warmup, acc)
+        assert torch.allclose(got, ref), (state, got, ref)
+        acc = [2 * t / (0.95 + t) for t in ref.tolist()]  # invert T = 0.95 a / (2 - a)
+        prev = got
+    # all one class ([1, 1, 1, 1]): FlexMatch keeps the thresholds of the state before ([2, 2, 2, 1])
+    keep = conlst.flexmatch_thresholds(torch.tensor([2, 2, 2, 1]), 3, 0.95, warmup)
+    assert torch.equal(conlst.flexmatch_thresholds(torch.tensor([1, 1, 1, 1]), 3, 0.95, warmup, previous=keep), keep)
+    # the floor (ours) lifts every threshold to at least its value and leaves higher ones alone
+    floored = conlst.flexmatch_thresholds(torch.tensor([0, 0, 0, 1, -1]), 3, 0.95, warmup, floor=0.9)
+    assert floored.min() >= 0.9 and floored[0] == pytest.approx(0.95)
+
+
+def _flex_args(**kw):
+    return conlst.Args(**{"flex_threshold": 0.95, "flex_warmup": True, "flex_mapping": "convex", **kw})
+
+
+def test_flexmatch_step_updates_the_memory_every_step_after_thresholding():
+    memory = torch.full((6,), -1)
+    probs = torch.tensor([[0.97, 0.02, 0.01], [0.2, 0.5, 0.3], [0.1, 0.1, 0.8]])
+    sel, pred, thr = conlst.flexmatch_step(memory, None, torch.tensor([0, 3, 5]), probs, _flex_args())
+    assert thr.tolist() == [0.0, 0.0, 0.0] and sel.all()  # thresholds from the memory before this batch
+    assert memory.tolist() == [0, -1, -1, -1, -1, -1] and pred.tolist() == [0, 1, 2]  # then the update
+    sel, _, thr = conlst.flexmatch_step(memory, thr, torch.tensor([1, 2]), probs[:2], _flex_args())
+    beta = 1 / 5  # sigma_0 = 1, 5 unused
+    assert torch.allclose(thr, torch.tensor([0.95 * beta / (2 - beta), 0.0, 0.0]))
+    assert memory.tolist() == [0, 0, -1, -1, -1, -1]
+
+
+def test_a_pool_where_one_class_is_confident_no_longer_selects_everything():
+    """240 pool samples seen in batches of 16 for two passes: a third predicted class 0 at 0.99, the
+    others class 1 or 2 at 0.5. FlexMatch alone (warm-up or not) keeps the unlearnt classes' thresholds
+    at 0 and selects every sample; with the floor at gamma = 0.9 only the confident class is selected."""
+    n = 240
+    pred = torch.tensor([0, 1, 2] * (n // 3))
+    conf = torch.where(pred == 0, 0.99, 0.5)
+    probs = torch.stack([torch.where(pred == c, conf, (1 - conf) / 2) for c in range(3)], 1)
+    for floor, warmup, expect_all in ((0.0, True, True), (0.0, False, True), (0.9, True, False)):
+        memory, thr, selected = torch.full((n,), -1), None, []
+        for _ in range(2):
+            for start in range(0, n, 16):
+                idx = torch.arange(start, start + 16)
+                sel, _, thr = conlst.flexmatch_step(memory, thr, idx, probs[idx], _flex_args(flex_floor=floor,
+                                                                                             flex_warmup=warmup))
+                selected.append(idx[sel])
+        chosen = torch.cat(selected[n // 16:])  # the second pass
+        assert memory.tolist() == torch.where(pred == 0, 0, -1).tolist()  # only the confident ones are remembered
+        if expect_all:
+            assert len(chosen) == n and thr[1:].tolist() == [0.0, 0.0]
+        else:
+            # warm-up: beta_0 = 80 / 160 unused, T_0 = 0.95 * 0.5 / 1.5 = 0.32, lifted to the floor
+            assert len(chosen) == n // 3 and (pred[chosen] == 0).all() and thr.tolist() == pytest.approx([0.9] * 3)
+
+
+# -------------------------------------------------------------------------------------------
+# Stage 1 diagnostics and the contrastive loss's scale
+# -------------------------------------------------------------------------------------------
+def test_confident_pool_warns_when_it_holds_fewer_than_two_classes(capsys):
+    one = stages.confident_pool_record("stage 1 fr", 800, torch.tensor([1] * 200), 3, 0.9)
+    assert one == {"pool": 800, "high_conf": 200, "high_conf_per_class": [0, 200, 0], "high_conf_classes": 1}
+    err = capsys.readouterr().err
+    assert err.count("warning: stage 1 fr") == 1 and "[0, 200, 0]" in err
+    stages.confident_pool_record("stage 1 fr", 800, torch.tensor([], dtype=torch.long), 3, 0.9)
+    assert "0 class(es)" in capsys.readouterr().err
+    two = stages.confident_pool_record("stage 1 fr", 800, torch.tensor([0, 2, 2]), 3, 0.9)
+    assert two["high_conf_classes"] == 2 and capsys.readouterr().err == ""
+    stages.confident_pool_record("stage 1 fr", 800, torch.tensor([1]), 3, 0.9, warn=False)
+    assert capsys.readouterr().err == ""
+
+
+def test_clcs_only_step_is_lambda_times_l_clcs(tiny):
+    model, tok = _tiny_model(tiny)
+    src = [Example("a man is playing", "a guitar", 2), Example("the cat", "sleeps", 0)]
+    batch = conlst.make_ft_batch(_net(model, tok), src)
+    torch.manual_seed(0)
+    loss, terms = conlst.conl_step(model, batch, conlst.Args(clcs_only=True, lambda_clcs=0.5))
+    torch.manual_seed(0)
+    clcs = conlst.clcs_loss_eq7(model(batch["src"]), batch["src_labels"])
+    assert set(terms) == {"l_clcs"} and torch.allclose(terms["l_clcs"], clcs) and torch.allclose(loss, 0.5 * clcs)
+
+
+def test_distance_scale_terms(tiny):
+    model, tok = _tiny_model(tiny)
+    pool = [("the cat sleeps", "a man"), ("une femme lit", "un livre"), ("les enfants", "jouent"), ("a man", "reads")]
+    comp = torch.tensor([[False, True, False], [False, False, True]])
+    neg_idx, neg_valid = torch.tensor([[2, 3], [3, 0]]), torch.tensor([[True, True], [True, False]])
+    batch = conlst.make_conl_batch(_net(model, tok), pool, pool[:2], comp, neg_idx, neg_valid, [])
+    for normalize in (False, True):
+        _, terms = conlst.conl_step(model, batch, conlst.Args(con_normalize=normalize))
+        h = model.con_head(model.pool(conlst.tokenize_pairs(tok, pool, "", 32))).detach()
+        h = F.normalize(h, dim=-1) if normalize else h
+        d2 = lambda i, j: float((h[i] - h[j]).pow(2).sum())  # noqa: E731
+        assert terms["d2_pos"].item() == pytest.approx(0.0, abs=1e-6)  # eval mode: the two passes are equal
+        assert terms["n_neg"].item() == 3 and terms["d2_neg_sum"].item() == pytest.approx(d2(0, 2) + d2(0, 3)
+                                                                                           + d2(1, 3), rel=1e-5)
+        if normalize:
+            assert 0 <= terms["d2_neg_sum"].item() / 3 <= 4
+
+
+def test_normalised_contrastive_loss_does_not_saturate_with_the_embedding_scale():
+    """Unnormalised at tau 1, the loss of a dropout-like positive (anchor + small noise) against random
+    negatives falls to ~0 as the embeddings grow (the saturated 0.02-0.08 of the cpu runs); normalised,
+    it does not depend on the scale. An untrained pair (positive no closer than the negatives, iid random
+    384-d embeddings) gives, normalised with tau 0.05, a loss of the order of chance log(K + 1)
+    (above it: the cosine spread of random 384-d vectors, 1/sqrt(384), is 2 logit units at tau 0.05)."""
+    torch.manual_seed(0)
+    b, k, d = 256, 8, 384
+    valid = torch.ones(b, k, dtype=torch.bool)
+    a, n = torch.randn(b, d), torch.randn(b, k, d)
+    pos = a + 0.05 * torch.randn(b, d)
+    loss = conlst.contrastive_negative_loss_eq6
+    unnorm = [loss(s * a, s * pos, s * n, valid, 1.0).item() for s in (0.02, 1.0)]
+    assert unnorm[0] > 1.5 and unnorm[1] < 0.05  # same geometry, larger scale: saturated
+    unit = lambda x: F.normalize(x, dim=-1)  # noqa: E731
+    normed = [loss(unit(s * a), unit(s * pos), unit(s * n), valid, 0.5).item() for s in (0.02, 1.0)]
+    assert normed[0] == pytest.approx(normed[1], rel=1e-4)
+    chance = math.log(k + 1)
+    iid = loss(unit(a), unit(torch.randn(b, d)), unit(n), valid, 0.05).item()
+    assert chance - 0.5 < iid < chance + 2.5
+    assert loss(a, torch.randn(b, d), n, valid, 1.0).item() > 20  # unnormalised: no such scale
+
+
 # -------------------------------------------------------------------------------------------
 # Strong views: random masking, mixup
 # -------------------------------------------------------------------------------------------
@@ -373,6 +517,43 @@ def test_loaders_on_shared_xnli_and_snli(shared_data, tmp_path):
     assert texts[0] == texts[1]
 
 
+def test_sick_reader_and_a_stage0_source_without_xnli_english(shared_data, tmp_path):
+    """--source-add sick: SNLI dev+test + all of SICK (3-way label); XNLI English dev and test (parallel to
+    the target rows) are in no training pair, and XNLI cannot be a source task at all."""
+    sick = text_data.read_sick_nli(shared_data)
+    assert len(sick) == 9840 and [sum(e.label == c for e in sick) for c in range(3)] == [2821, 5595, 1424]
+    assert sick[0] == Example("A group of kids is playing in a yard and an old man is standing in the background",
+                              "A group of boys in a yard is playing and a man is standing in the background", 1)
+    a = _args(tmp_path, "--source-splits", "dev", "test", "--source-add", "sick", "--limit-train", "30000")
+    record = {}
+    data = text_data.load_xnli_transfer(a, ["fr"], record)
+    assert len(data.source) == 9842 + 9824 + 9840 and data.source[-9840:] == sick
+    assert record["source_add"]["n_all"] == 9840 and "SICK" in record["source_add"]["data"]
+    key = lambda e: (e.text_a.strip().lower(), e.text_b.strip().lower())  # noqa: E731
+    trained = {key(e) for e in data.source}
+    for split in ("dev", "test"):
+        xnli_en = text_data.read_xnli("en", split, shared_data)
+        assert len(xnli_en) in (2490, 5010) and not trained & {key(e) for e in xnli_en}
+    with pytest.raises(UsageError, match="--source-task"):
+        _args(tmp_path, "--source-task", "xnli-en")
+
+
+def test_prior_correction_balances_the_pool_predictions():
+    torch.manual_seed(0)
+    logits = torch.randn(600, 3) + torch.tensor([0.0, 1.5, -0.5])  # "neutral" predicted for most rows
+    probs = logits.softmax(1)
+    assert max(stages.class_fractions(probs)) > 0.6
+    w = stages.balanced_prior_weights(probs)
+    fixed = stages.prior_corrected(probs, w)
+    assert torch.allclose(fixed.mean(0), torch.full((3,), 1 / 3), atol=1e-4) and torch.allclose(fixed.sum(1),
+                                                                                                 torch.ones(600))
+    assert w.sum() == pytest.approx(1.0) and w[1] < w[0] and w[1] < w[2]
+    assert max(stages.class_fractions(fixed)) < 0.45
+    assert torch.equal(fixed.argmax(1), (probs * w).argmax(1))  # a per-class rescaling, nothing else
+    even = torch.full((10, 3), 1 / 3)
+    assert torch.allclose(stages.balanced_prior_weights(even), torch.full((3,), 1 / 3))
+
+
 # -------------------------------------------------------------------------------------------
 # Back-translation: the tool writes the file (a fake translator: never a download), conlst.py reads it
 # -------------------------------------------------------------------------------------------
@@ -490,9 +671,17 @@ def test_full_pipeline_writes_the_run_files(full_run):
         assert key in s, key
     assert s["script"] == "conlst.py" and s["method"] == "conlst" and s["primary_metric"] == "acc"
     assert s["setting"] == "snli->fr" and s["final"]["step"] == s["steps"] and s["samples_per_s"] > 0
-    recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    recs = [r for r in lines if r["split"] == "eval"]
     assert [(r["stage"], r["lang"]) for r in recs] == [(0, None)] * 4 + [(0, "fr"), (1, "fr"), (2, "fr"), (2, "fr")]
-    assert all(r["split"] == "eval" and "en_dev_acc" in r for r in recs)
+    assert all("en_dev_acc" in r for r in recs)
+    # FlexMatch: one line per stage-2 step (2 iterations x 96 / 16 batches), each with its thresholds and counts
+    flex = [r for r in lines if r["split"] == "flexmatch"]
+    assert len(flex) == 12 and {r["iteration"] for r in flex} == {1, 2} and len(lines) == len(recs) + 12
+    assert [r["step"] for r in flex] == list(range(recs[5]["step"] + 1, recs[5]["step"] + 13))
+    for r in flex:
+        assert len(r["thresholds"]) == 3 and sum(r["selected_per_class"]) <= r["batch"] == 16
+        assert sum(r["memory_per_class"]) + r["memory_unused"] == 96
     fr = s["per_lang"]["fr"]
     assert fr["stage0"]["acc"] == recs[4]["acc"] and fr["final"]["acc"] == recs[-1]["acc"] == s["final"]["acc"]
     best = max(recs[-2:], key=lambda r: (r["en_dev_acc"], r["step"]))  # best English dev within stage 2
@@ -511,6 +700,18 @@ def test_full_pipeline_writes_the_run_files(full_run):
     assert abs(fr["bins"]["after_stage0"]["all"]["acc"] - fr["stage0"]["acc"]) < 1e-6
     it = fr["stage2_iterations"]
     assert [x["iteration"] for x in it] == [1, 2] and it[0]["views"]["bt"] == 0 and it[0]["n_selected"] > 0
+    for x, steps in zip(it, (flex[:6], flex[6:])):  # the iteration's counts are the sums of its steps' lines
+        assert x["n_seen"] == 96 and x["n_selected"] == sum(sum(r["selected_per_class"]) for r in steps)
+        assert x["selected_per_class"] == [sum(r["selected_per_class"][c] for r in steps) for c in range(3)]
+        assert x["thresholds"] == steps[-1]["thresholds"] and sum(x["views"].values()) == x["n_selected"]
+    # stage 1: the confident pool, the fraction of anchors without a negative and the distance scale
+    pool = fr["stage1_pool"]
+    assert pool["high_conf"] == sum(pool["high_conf_per_class"]) and 0 <= pool["no_neg_frac"] <= 1
+    assert pool["high_conf_classes"] == sum(n > 0 for n in pool["high_conf_per_class"])
+    assert pool["no_neg_frac"] == pytest.approx(recs[5]["no_neg_frac"])  # 6 equal batches: the mean of the steps
+    assert recs[5]["d2_pos"] > 0 and recs[5]["d2_neg"] == pytest.approx(recs[5]["d2_neg_sum"] / recs[5]["n_neg"])
+    assert recs[5]["high_conf_classes"] == pool["high_conf_classes"]
+    assert len(fr["stage0_pred_frac"]) == 3 and abs(sum(fr["stage0_pred_frac"]) - 1) < 1e-6
 
 
 def test_resume_across_stages_repeats_the_uninterrupted_run(full_run, tmp_path, monkeypatch):
@@ -553,7 +754,8 @@ def test_ablations_stage0_reuse_and_backtranslation_file(full_run, tmp_path):
     assert "encoder.embeddings.word_embeddings.weight" not in saved and "classifier.weight" in saved
     assert (tmp_path / "abl" / "stage2_fr.pt").exists()
     assert s["method"] == "conlst_wo_cl_wo_mixup" and not (tmp_path / "abl" / "stage0.pt").exists()
-    recs = [json.loads(x) for x in (tmp_path / "abl" / "metrics.jsonl").read_text().splitlines()]
+    recs = [r for r in map(json.loads, (tmp_path / "abl" / "metrics.jsonl").read_text().splitlines())
+            if r["split"] == "eval"]
     assert [r["stage"] for r in recs] == [0, 1, 2] and "l_nl" in recs[1] and "l_cl" not in recs[1]
     full = json.loads((run / "metrics.jsonl").read_text().splitlines()[4])
     assert recs[0]["acc"] == full["acc"]  # the same stage-0 model, the same zero-shot accuracy
@@ -564,6 +766,30 @@ def test_ablations_stage0_reuse_and_backtranslation_file(full_run, tmp_path):
     assert z["method"] == "zeroshot" and z["best"]["acc"] == full["acc"] and set(z["avg"]) >= {"stage0"}
     with pytest.raises(UsageError, match="--stage0-from"):
         conlst.main(_args(tmp_path, "--stage0-from", str(run), "--con-dim", "8"))
+
+
+def test_clcs_only_pl_dropout_and_prior_correction_runs(full_run, tmp_path, monkeypatch):
+    """--clcs-only: stage 1 trains lambda * L_CLCS alone (no L_CL term, no negatives); --pl-dropout: stage
+    2's pseudo-labels come from dropout passes; --prior-correction: the zero-shot record gets acc_prior and
+    stage 1 pseudo-labels under the balancing weights."""
+    run, _ = full_run
+    calls = []
+    real_predict = conlst.predict
+    monkeypatch.setattr(conlst, "predict",
+                        lambda *a, **k: calls.append(k.get("dropout", False)) or real_predict(*a, **k))
+    s = conlst.main(_args(tmp_path, "--exp-name", "ctl", "--stage0-from", str(run), "--clcs-only", "--pl-dropout",
+                          "--prior-correction", "--max-steps", "2", "--s2-iterations", "1"))
+    assert s["method"] == "conlst_clcs_only"
+    recs = [json.loads(x) for x in (tmp_path / "ctl" / "metrics.jsonl").read_text().splitlines()]
+    s1 = [r for r in recs if r["split"] == "eval" and r["stage"] == 1][0]
+    assert "l_clcs" in s1 and "l_cl" not in s1 and "no_neg_frac" not in s1
+    fr = s["per_lang"]["fr"]
+    assert fr["stage1_pool"]["no_neg_frac"] is None and len(fr["stage1_pool"]["prior_weights"]) == 3
+    pc = fr["prior_correction"]
+    assert abs(sum(pc["weights"]) - 1) < 1e-6 and 0 <= pc["acc_prior"] <= 100 and len(pc["pred_frac"]) == 3
+    assert calls.count(True) == 2  # one dropout pass per stage-2 step (--max-steps 2), every other call eval mode
+    with pytest.raises(UsageError, match="--clcs-only"):
+        conlst.validate(_args(tmp_path, "--clcs-only", "--wo-cl"))
 
 
 def test_confidence_figure_from_the_summary(full_run, tmp_path):
@@ -588,6 +814,8 @@ def test_confidence_figure_from_the_summary(full_run, tmp_path):
                                        (["--wo-conl", "--wo-cl"], "--wo-conl"), (["--wo-st", "--wo-bt"], "--wo-st"),
                                        (["--bt", "file"], "--bt"), (["--k-neg", "0"], "--k-neg"),
                                        (["--tau", "0"], "--tau"), (["--limit-pool", "0"], "--limit-pool"),
+                                       (["--flex-floor", "1.5"], "--flex-floor"), (["--clcs-only", "--wo-conl"],
+                                                                                   "--clcs-only"),
                                        (["--select-lang", "fr"], "--select-lang fr: is a target language"),
                                        (["--langs", "en", "de", "--select-lang", "de"], "--select-lang de")])
 def test_validate_names_the_flag(tmp_path, argv, flag):
