@@ -5,11 +5,11 @@ then the authors' incomplete repository (swaggy66/MSMO), then the XABSA benchmar
 Each choice carries its source's tag, [summary], [repo], [xabsa] or [ours]; docs/msmo.md lists them.
 
 Aspect-based sentiment as token tagging (BIEOS), trained on English (SemEval-2016 restaurants) and
-tested zero-shot on fr, es, nl or ru by micro-F1 on exact (begin, end, polarity) aspect spans. One
+tested zero-shot on fr, es, nl or ru by XABSA's micro-F1 on exact (begin, end, polarity) aspects. One
 MSMO step, on a batch of the ACS mixture (English gold, translated smt-XX, code-switched cs_en-XX and
 cs_XX-en) and a batch of aligned code-switched sentence pairs:
 
-  L = CE(tags at first sub-tokens)                                tagging             [xabsa/repo]
+  L = CE(tags at words' first sub-tokens, past a bare "▁")          tagging           [xabsa/repo]
     + lambda * W,  W = mean_tok Q(h_source) - mean_tok Q(h_target)  sentence level    [repo]
         (critic Q: n_critic Adam steps maximizing W on the detached features, clipped to +-c)
     + beta * mean_aspects (KL(p||q) + KL(q||p)) / 2                aspect level        [repo]
@@ -27,6 +27,7 @@ cs_XX-en) and a batch of aligned code-switched sentence pairs:
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,12 +41,14 @@ from tqdm import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from common import utils
+from common.diagnostics import grad_norm_ratios, means_by_group
 from common.run import Run, RunArgs, stages_summary, trained_run
 from common.text_data import (POLARITIES, XABSA_LANGS, XABSA_TARGETS, AcsData, BatchStreams, EncodedSentence,
-                              LengthGroupedBatches, check_acs_sizes, encode_acs_data, load_acs_data, span_f1,
-                              tag_list, tagging_batch)
+                              LengthGroupedBatches, acs_step_batches, check_acs_sizes, encode_acs_data,
+                              load_acs_data, tag_list, word_tags_f1)
+from common.text_data import tagging_batch  # noqa: F401 (benchmarks/speed.py, gpu_check.py use msmo.tagging_batch)
 from common.text_models import (GradReverse, TrainableState, freeze_word_embeddings, load_trainable_state,
-                                tagger_logits, tagger_softmax, trainable_state, xabsa_encoder)
+                                saved_taggers_softmax, tagger_word_tags, trainable_state, xabsa_encoder)
 from common.utils import MissingError, UsageError, arg
 
 METHODS = ("msmo", "acs", "zero_shot", "supervised", "distill")
@@ -88,6 +91,12 @@ class Args(RunArgs):
     select_dev: str = arg("auto", "dev set for model selection: en, target, or auto (target for supervised, "
                                   "else English)", choices=["auto", "en", "target"])
     test_every_eval: bool = arg(False, "evaluate the test sets at every evaluation (default: each new best, the last)")
+    metric: str = arg("xabsa", "span F1: xabsa (XABSA's official metric: lenient decoding, 1e-4 smoothing, words "
+                               "cut off dropped) or seqeval (strict IOBES; before #23)", choices=["xabsa", "seqeval"])
+    label_piece: str = arg("xabsa", "tagged sub-token: xabsa (after a bare SentencePiece '\u2581' first piece: XABSA's "
+                                    "fix_space_issue) or first (before #23)", choices=["xabsa", "first"])
+    diag_every: int = arg(20, "every N steps log each added term's encoder-gradient norm relative to the tagging "
+                              "CE's, W and l_cons (metrics.jsonl split diag; summary.json per phase); 0: never", ge=0)
     # -- MSMO: sentence level
     adv: bool = arg(True, "msmo: the sentence-level adversarial objective (--no-adv: ablation)")
     adversary: str = arg("wgan", "wgan: Wasserstein critic (repository); grl: language classifier behind "
@@ -139,10 +148,10 @@ PRESETS = {
             "model": "e5-small", "freeze_embeddings": True, "lr": 5e-5, "head_lr": 2e-3, "steps": 240,
             "eval_every": 40, "select_from": 160, "cons_batch": 8, "beta_table": "xlmr", "distill_steps": 150,
             "critic_warm_every": 60},
-    "smoke": {"_doc": "seconds: tiny random BERT on the first 64 sentences of each real file",
+    "smoke": {"_doc": "seconds: tiny random BERT on the first 64 sentences of each real file; no diagnostics",
               "model": "tiny", "limit_train": 64, "limit_eval": 32, "batch_size": 8, "cons_batch": 4, "steps": 8,
               "eval_every": 4, "select_from": 0, "distill_steps": 4, "lr": 1e-3, "critic_warm_steps": 2,
-              "max_len": 64},
+              "max_len": 64, "diag_every": 0},
 }
 
 #: beta per backbone and target language, "said to be in the paper" (METHODS.md; not verifiable here).
@@ -172,14 +181,11 @@ def resolve_beta(args: Args) -> float:
     """--beta, or the per-language value of the backbone's table."""
     if args.beta is not None:
         return args.beta
-    table = args.beta_table
-    if table == "auto":
-        table = "xlmr" if "xlm-roberta" in args.model.lower() else "mbert"
-    return BETA_TABLE[table][args.lang]
+    auto = "xlmr" if "xlm-roberta" in args.model.lower() else "mbert"
+    return BETA_TABLE[auto if args.beta_table == "auto" else args.beta_table][args.lang]
 
 
-# ==== Data: the ACS mixture, its critic sides and the aligned code-switched pairs come from
-# common.text_data (load_acs_data, encode_acs_data, check_acs_sizes; AcsData)
+# ==== Data: the ACS mixture, its critic sides, the aligned pairs: common.text_data (load_acs_data, encode_acs_data)
 
 
 # ==== Model: encoder + linear tagger; the language critic ============================================
@@ -323,61 +329,68 @@ def ce_step(model: Tagger, batch: dict, args: Args, amp_dtype: torch.dtype | Non
 
 def msmo_step(model: Tagger, critic: Critic, critic_opt: torch.optim.Optimizer, batch: dict, args: Args,
               phase: str, n_critic: int, amp_dtype: torch.dtype | None = None,
-              fresh: list[tuple[dict, dict]] | None = None):
+              fresh: list[tuple[dict, dict]] | None = None, rng_seed: int | None = None, parts: dict | None = None):
     """One MSMO encoder step; phase "adv" (CE + sentence level), "cons" (CE + aspect level) or "joint".
     The encoder runs once on the CE batch and once on the pair batch. wgan: n_critic critic updates on
     the DETACHED features of that forward [ours], or on `fresh` source/target batches encoded without
     gradient [repo], weights clipped after each; then CE + lambda * W (critic frozen) + beta * KL.
     Returns (loss, terms): the caller backpropagates, clips and steps the optimizer (with --adversary
-    grl also critic_opt: the language classifier learns from the same backward)."""
+    grl also critic_opt: the language classifier learns from the same backward). `parts` receives the
+    weighted terms (graph kept: diagnostics). With `rng_seed`, all but the CE forward draw from their own
+    generator (common.utils.private_rng): MSMO with lambda = beta = 0 is the ACS run of its seed [ours]."""
     device = batch["input_ids"].device
     with utils.autocast(device, amp_dtype):
         feats, logits = model(batch["input_ids"], batch["attention_mask"])
     mask = batch["attention_mask"]
     loss = tagging_ce(logits, batch["labels"])
-    terms = {"l_ce": loss.detach()}
+    terms, parts = {"l_ce": loss.detach()}, {} if parts is None else parts
+    parts["ce"] = loss
     src, tgt = batch["side"] == 0, batch["side"] == 1
-    if args.adv and phase in ("adv", "joint") and src.any() and tgt.any():
-        h_s, m_s, h_t, m_t = feats[src], mask[src], feats[tgt], mask[tgt]
-        if args.adversary == "wgan":
-            critic.requires_grad_(True)
-            for k in range(n_critic):
-                if fresh:  # the repository's way: new batches, the encoder run again (no gradient)
-                    with torch.no_grad(), utils.autocast(device, amp_dtype):
-                        cs, ct = fresh[k]
-                        hs, ms = model(cs["input_ids"], cs["attention_mask"])[0], cs["attention_mask"]
-                        ht, mt = model(ct["input_ids"], ct["attention_mask"])[0], ct["attention_mask"]
-                else:
-                    hs, ms, ht, mt = h_s.detach(), m_s, h_t.detach(), m_t
+    with contextlib.nullcontext() if rng_seed is None else utils.private_rng(rng_seed, device):  # the added terms
+        if args.adv and phase in ("adv", "joint") and src.any() and tgt.any():
+            h_s, m_s, h_t, m_t = feats[src], mask[src], feats[tgt], mask[tgt]
+            if args.adversary == "wgan":
+                critic.requires_grad_(True)
+                for k in range(n_critic):
+                    if fresh:  # the repository's way: new batches, the encoder run again (no gradient)
+                        with torch.no_grad(), utils.autocast(device, amp_dtype):
+                            cs, ct = fresh[k]
+                            hs, ms = model(cs["input_ids"], cs["attention_mask"])[0], cs["attention_mask"]
+                            ht, mt = model(ct["input_ids"], ct["attention_mask"])[0], ct["attention_mask"]
+                    else:
+                        hs, ms, ht, mt = h_s.detach(), m_s, h_t.detach(), m_t
+                    with utils.autocast(device, amp_dtype):
+                        q_s, q_t = critic(hs), critic(ht)
+                    critic_loss = -wasserstein_gap(q_s.float(), ms, q_t.float(), mt)  # the critic maximizes W
+                    critic_opt.zero_grad(set_to_none=True)
+                    critic_loss.backward()
+                    critic_opt.step()
+                    clip_weights_(critic, args.critic_clip)
+                critic.requires_grad_(False)  # the encoder's term must not move the critic
                 with utils.autocast(device, amp_dtype):
-                    q_s, q_t = critic(hs), critic(ht)
-                critic_loss = -wasserstein_gap(q_s.float(), ms, q_t.float(), mt)  # the critic maximizes W
-                critic_opt.zero_grad(set_to_none=True)
-                critic_loss.backward()
-                critic_opt.step()
-                clip_weights_(critic, args.critic_clip)
-            critic.requires_grad_(False)  # the encoder's term must not move the critic
+                    q_s, q_t = critic(h_s), critic(h_t)
+                gap = wasserstein_gap(q_s.float(), m_s, q_t.float(), m_t)
+                parts["adv"] = args.lambda_adv * gap
+                loss = loss + parts["adv"]
+                terms["w_gap"] = gap.detach()
+                terms["critic_w"] = -critic_loss.detach()
+            else:
+                with utils.autocast(device, amp_dtype):
+                    l_s = critic(GradReverse.apply(h_s, args.lambda_adv))
+                    l_t = critic(GradReverse.apply(h_t, args.lambda_adv))
+                l_lang = language_bce(l_s.float(), m_s, l_t.float(), m_t)
+                loss = loss + l_lang  # classifier: minimizes it; encoder (reversed): maximizes lambda * it
+                parts["adv"] = l_lang
+                terms["l_lang"] = l_lang.detach()
+        pb = batch["pairs"]
+        if args.cons and phase in ("cons", "joint") and pb is not None:
             with utils.autocast(device, amp_dtype):
-                q_s, q_t = critic(h_s), critic(h_t)
-            gap = wasserstein_gap(q_s.float(), m_s, q_t.float(), m_t)
-            loss = loss + args.lambda_adv * gap
-            terms["w_gap"] = gap.detach()
-            terms["critic_w"] = -critic_loss.detach()
-        else:
-            with utils.autocast(device, amp_dtype):
-                l_s = critic(GradReverse.apply(h_s, args.lambda_adv))
-                l_t = critic(GradReverse.apply(h_t, args.lambda_adv))
-            l_lang = language_bce(l_s.float(), m_s, l_t.float(), m_t)
-            loss = loss + l_lang  # classifier: minimizes it; encoder (reversed): maximizes lambda * it
-            terms["l_lang"] = l_lang.detach()
-    pb = batch["pairs"]
-    if args.cons and phase in ("cons", "joint") and pb is not None:
-        with utils.autocast(device, amp_dtype):
-            _, pair_logits = model(pb["input_ids"], pb["attention_mask"])
-        index = {t: i for i, t in enumerate(tag_list(args.tagging))}
-        l_cons = aspect_consistency(pair_logits, pb["aspects"], index, args.tagging)
-        loss = loss + resolve_beta(args) * l_cons
-        terms["l_cons"] = l_cons.detach()
+                _, pair_logits = model(pb["input_ids"], pb["attention_mask"])
+            index = {t: i for i, t in enumerate(tag_list(args.tagging))}
+            l_cons = aspect_consistency(pair_logits, pb["aspects"], index, args.tagging)
+            parts["cons"] = resolve_beta(args) * l_cons
+            loss = loss + parts["cons"]
+            terms["l_cons"] = l_cons.detach()
     return loss, terms
 
 
@@ -399,6 +412,11 @@ def phase_at(step: int, args: Args) -> str:
     return "adv" if step < round(args.two_step_split * args.steps) else "cons"
 
 
+def critic_rng_seed(args: Args, step: int) -> int:
+    """The seed of the added terms' generator at a step (-1: the critic's initialisation)."""
+    return (args.seed + 1) * 1_000_003 + step
+
+
 def critic_steps_at(step: int, args: Args) -> int:
     """5 critic updates per encoder step; 10 in the first 25 steps and every 500th [repo]."""
     warm = step < args.critic_warm_steps or step % args.critic_warm_every == 0
@@ -407,25 +425,17 @@ def critic_steps_at(step: int, args: Args) -> int:
 
 # ==== Evaluation =====================================================================================
 def evaluate_f1(model: Tagger, encoded: list[EncodedSentence], gold_tags: list[list[str]], scheme: str, pad_id: int,
-                device: torch.device, amp_dtype: torch.dtype | None) -> float:
-    """Span F1 (in %, common.text_data.span_f1: strict, no smoothing [ours; XABSA adds 1e-4]) of the
-    argmax tags at each word's first sub-token (O for a word cut off by --max-len)."""
-    was_training = model.training
-    model.eval()
-    tags = tag_list(scheme)
-    pred: list[list[str]] = [[] for _ in encoded]
-    for idx, logits in tagger_logits(model, encoded, pad_id, device, amp_dtype):
-        best = logits.argmax(-1).cpu()
-        for k, i in enumerate(idx):
-            pred[i] = [tags[int(best[k, p])] if p >= 0 else "O" for p in encoded[i].first]
-    model.train(was_training)
-    return span_f1(gold_tags, pred, scheme)
+                device: torch.device, amp_dtype: torch.dtype | None, metric: str = "xabsa") -> float:
+    """Span F1 (in %) of the argmax word tags (common.text_data.word_tags_f1): XABSA's official metric on the words
+    that fit --max-len [xabsa], or seqeval's strict IOBES with the words cut off predicted O [ours]."""
+    pred = tagger_word_tags(model, encoded, tag_list(scheme), pad_id, device, amp_dtype)
+    return word_tags_f1(gold_tags, pred, scheme, metric)
 
 
-def test_scores(model: Tagger, data: AcsData, scheme: str, device: torch.device, amp_dtype: torch.dtype | None) -> dict:
+def test_scores(model: Tagger, data: AcsData, args: Args, device: torch.device, amp_dtype: torch.dtype | None) -> dict:
     """f1_<lang> per test set, and f1_avg when there are several."""
-    res = {f"f1_{lang}": evaluate_f1(model, enc, data.test_tags[lang], scheme, data.pad_id, device, amp_dtype)
-           for lang, enc in data.tests.items()}
+    res = {f"f1_{lang}": evaluate_f1(model, enc, data.test_tags[lang], args.tagging, data.pad_id, device, amp_dtype,
+                                     args.metric) for lang, enc in data.tests.items()}
     if len(res) > 1:
         res["f1_avg"] = float(np.mean(list(res.values())))
     return res
@@ -436,14 +446,9 @@ def teacher_targets(args: Args, files: list[Path], data: AcsData, device: torch.
                     amp_dtype: torch.dtype | None) -> list[torch.Tensor]:
     """The distillation targets: per unlabeled sentence, the equal-weight mean of the teachers'
     softmax (eval mode, no temperature; [T_i, C] on the CPU), computed once [xabsa/repo]."""
-    per_teacher = []
-    for f in files:
-        teacher = Tagger(xabsa_encoder(args.model, args.data_dir, args.domain)[0], len(tag_list(args.tagging)))
-        load_trainable_state(teacher, torch.load(f, map_location="cpu", weights_only=False)["model"], f"teacher {f}")
-        teacher.to(device).eval()
-        per_teacher.append(tagger_softmax(teacher, data.unlabeled, data.pad_id, device, amp_dtype))
-        del teacher
-    return average_teacher_probs(per_teacher)
+    return average_teacher_probs(saved_taggers_softmax(
+        lambda: Tagger(xabsa_encoder(args.model, args.data_dir, args.domain)[0], len(tag_list(args.tagging))),
+        files, data.unlabeled, data.pad_id, device, amp_dtype))
 
 
 # ==== One stage: teacher training (or a baseline), or distillation ===================================
@@ -475,8 +480,9 @@ def make_stage(args: Args, stage: str, model: Tagger, data: AcsData, device: tor
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
     critic = critic_opt = None
     if stage == "train" and args.method == "msmo" and args.adv:
-        critic = Critic(model.encoder.config.hidden_size, model.encoder.config.hidden_dropout_prob,
-                        args.critic_clip if args.adversary == "wgan" else None).to(device)
+        with utils.private_rng(critic_rng_seed(args, -1), device):  # not from the run's random stream [ours]
+            critic = Critic(model.encoder.config.hidden_size, model.encoder.config.hidden_dropout_prob,
+                            args.critic_clip if args.adversary == "wgan" else None).to(device)
         critic_opt = torch.optim.Adam(critic.parameters(), lr=args.critic_lr or args.lr)
         critic.requires_grad_(args.adversary == "grl")
     seed = args.seed * 1000 + (0 if stage == "train" else 500)
@@ -492,6 +498,27 @@ def make_stage(args: Args, stage: str, model: Tagger, data: AcsData, device: tor
     return Stage(opt, sched, scaler, body + head, critic, critic_opt, pool, sides, samplers)
 
 
+def step_loss(st: Stage, model: Tagger, data: AcsData, args: Args, stage: str, phase: str, step: int,
+              device: torch.device, amp: torch.dtype | None, targets: list[torch.Tensor] | None, parts: dict | None):
+    """One step's batches (common.text_data.acs_step_batches) and loss: (loss, terms, the CE batch)."""
+    n_critic = critic_steps_at(step, args)
+    idx, batch, fresh = acs_step_batches(st.samplers, data, st.pool, st.sides, device, args.cons and phase in (
+        "cons", "joint"), n_critic if phase in ("adv", "joint") else 0)
+    if stage == "distill":
+        teacher = torch.zeros(*batch["input_ids"].shape, len(tag_list(args.tagging)), device=device)
+        for k, i in enumerate(idx):
+            teacher[k, : targets[i].shape[0]] = targets[i].to(device)
+        loss, terms = distill_step(model, batch, teacher, args, amp)
+    elif phase == "ce":
+        loss, terms = ce_step(model, batch, args, amp)
+    else:
+        return (*msmo_step(model, st.critic, st.critic_opt, batch, args, phase, n_critic, amp, fresh,
+                           critic_rng_seed(args, step), parts), batch)
+    if parts is not None:  # the diagnostics: the loss is one term
+        parts["kd" if stage == "distill" else "ce"] = loss
+    return loss, terms, batch
+
+
 def run_stage(run: Run, stage: str, model: Tagger, data: AcsData, device: torch.device, amp: torch.dtype | None,
               use_scaler: bool, offset: int, completed: dict, targets: list[torch.Tensor] | None = None) -> dict:
     """The training loop of one stage ("train": teacher training / baselines; "distill": the
@@ -503,17 +530,21 @@ def run_stage(run: Run, stage: str, model: Tagger, data: AcsData, device: torch.
                         scaler=st.scaler, samplers=st.samplers,
                         **({"critic": st.critic, "critic_opt": st.critic_opt} if st.critic is not None else {}))
     step, history, best = state.get("step", 0), state.get("history", []), state.get("best")
-    train_time, sentences = state.get("train_time", 0.0), state.get("sentences", 0)
+    train_time, sentences, diag = state.get("train_time", 0.0), state.get("sentences", 0), state.get("diag", [])
     wall0 = run.wall() - state.get("stage_wall_s", 0.0)
     total = args.steps if stage == "train" else args.distill_steps
     end = min(total, args.max_steps) if args.max_steps else total
     window = min(args.select_from, end) if stage == "train" else 0
+    best_file = run.dir / ("teacher_best.pt" if stage == "train" and args.distill else "model_best.pt")
+    if best is not None and best["step"] < window:  # resumed with a larger --max-steps: the old best is outside
+        best = None
+        best_file.unlink(missing_ok=True)
     grl = st.critic is not None and args.adversary == "grl"  # the classifier learns from the encoder's backward
     model.train()
 
     def save() -> None:
         run.save(stage=stage, step=step, history=history, best=best, train_time=train_time, sentences=sentences,
-                 completed=completed, stage_wall_s=run.wall() - wall0)
+                 completed=completed, stage_wall_s=run.wall() - wall0, diag=diag)
 
     bar = tqdm(total=end, initial=step, desc=stage, leave=False, dynamic_ncols=True, disable=None)
     while step < end:
@@ -522,28 +553,15 @@ def run_stage(run: Run, stage: str, model: Tagger, data: AcsData, device: torch.
             run.interrupt(f"at {stage} step {step}")
         t0 = time.time()
         phase = phase_at(step, args) if stage == "train" else "distill"
-        n_critic = critic_steps_at(step, args)
-        idx = st.samplers["ce"].next()  # the CE batch, the pairs in the consistency phase, fresh critic batches
-        pairs = ([data.pairs[i] for i in st.samplers["pairs"].next()]
-                 if "pairs" in st.samplers and args.cons and phase in ("cons", "joint") else [])
-        batch = tagging_batch([st.pool[i] for i in idx], data.pad_id, device, [st.sides[i] for i in idx], pairs)
-        fresh = None
-        if "critic_src" in st.samplers and phase in ("adv", "joint"):
-            src, tgt = data.critic_pools
-            fresh = [(tagging_batch([src[i] for i in st.samplers["critic_src"].next()], data.pad_id, device),
-                      tagging_batch([tgt[i] for i in st.samplers["critic_tgt"].next()], data.pad_id, device))
-                     for _ in range(n_critic)]
-        if stage == "distill":
-            teacher = torch.zeros(*batch["input_ids"].shape, len(tag_list(args.tagging)), device=device)
-            for k, i in enumerate(idx):
-                teacher[k, : targets[i].shape[0]] = targets[i].to(device)
-            loss, terms = distill_step(model, batch, teacher, args, amp)
-        elif phase == "ce":
-            loss, terms = ce_step(model, batch, args, amp)
-        else:
-            loss, terms = msmo_step(model, st.critic, st.critic_opt, batch, args, phase, n_critic, amp, fresh)
+        parts = {} if args.diag_every and step % args.diag_every == 0 else None  # the diagnostics' step
+        loss, terms, batch = step_loss(st, model, data, args, stage, phase, step, device, amp, targets, parts)
         if run.finite(loss, step, terms):  # else (--skip-nonfinite): no backward pass, no encoder update (the
-            st.opt.zero_grad(set_to_none=True)  # critic's own updates of this step, on detached features, happened)
+            if parts:  # critic's own updates of this step, on detached features, happened)
+                encoder = [p for p in model.encoder.parameters() if p.requires_grad]
+                diag.append({"stage_step": step, "phase": phase, **grad_norm_ratios(parts, encoder, "ce"),
+                             **{k: v.item() for k, v in terms.items() if k != "l_ce"}})
+                run.log(offset + step, "diag", stage=stage, **diag[-1])
+            st.opt.zero_grad(set_to_none=True)
             if grl:
                 st.critic_opt.zero_grad(set_to_none=True)
             st.scaler.scale(loss).backward()
@@ -563,16 +581,15 @@ def run_stage(run: Run, stage: str, model: Tagger, data: AcsData, device: torch.
         if step % args.eval_every and step != end:
             continue
         # ---- evaluation: dev always; the test sets where a result needs them (or --test-every-eval)
-        dev = evaluate_f1(model, data.dev, data.dev_tags, args.tagging, data.pad_id, device, amp)
+        dev = evaluate_f1(model, data.dev, data.dev_tags, args.tagging, data.pad_id, device, amp, args.metric)
         new_best = step >= window and (best is None or dev > best["dev_f1"])
-        res = {"dev_f1": dev, **(test_scores(model, data, args.tagging, device, amp)
+        res = {"dev_f1": dev, **(test_scores(model, data, args, device, amp)
                                  if new_best or step == end or args.test_every_eval else {})}
         history.append({**res, "step": step, "stage": stage, "phase": phase})
         if new_best:
             best = history[-1]
-            name = "teacher_best.pt" if stage == "train" and args.distill else "model_best.pt"  # the final product
             utils.atomic_torch_save({"model": trainable_state(model), "step": step, "stage": stage, "dev_f1": dev},
-                                    run.dir / name)
+                                    best_file)
         train_log = run.means()
         run.log(offset + step, "eval", stage=stage, stage_step=step, phase=phase, lr=st.opt.param_groups[0]["lr"],
                 **res, **train_log)
@@ -584,25 +601,19 @@ def run_stage(run: Run, stage: str, model: Tagger, data: AcsData, device: torch.
         run.interrupt(f"at the end of {stage} (step {step})")
     final = history[-1] if history else {}
     return {"final": final, "best": best or final, "steps": step, "history": history,
-            "wall_s": round(run.wall() - wall0, 2), "train_time_s": round(train_time, 2), "sentences": sentences}
+            "wall_s": round(run.wall() - wall0, 2), "train_time_s": round(train_time, 2), "sentences": sentences,
+            "diagnostics": means_by_group(diag, "phase", skip=("stage_step",))}
 
 
 # ==== main ===========================================================================================
 def method_label(args: Args) -> str:
+    """The run's method name: a baseline, or msmo with its ablations and readings."""
     if args.method != "msmo":
         return args.method
-    label = "msmo"
-    if not args.adv:
-        label += "_wo_adv"
-    elif args.adversary == "grl":
-        label += "_grl"
-    if not args.cons:
-        label += "_wo_cons"
-    if args.adv and not args.critic_codeswitch:
-        label += "_wo_cs_critic"
-    if args.schedule == "joint":
-        label += "_joint"
-    return label + ("_distill" if args.distill else "")
+    parts = [(not args.adv, "_wo_adv"), (args.adv and args.adversary == "grl", "_grl"), (not args.cons, "_wo_cons"),
+             (args.adv and not args.critic_codeswitch, "_wo_cs_critic"), (args.schedule == "joint", "_joint"),
+             (args.distill, "_distill")]
+    return "msmo" + "".join(suffix for on, suffix in parts if on)
 
 
 CHECKPOINT_KEYS = ("stage", "step", "model", "optimizer", "scheduler", "scaler", "samplers", "rng", "history", "best",
@@ -676,7 +687,7 @@ def main(args: Args) -> dict:
         "script": "msmo.py", "method": method_label(args), "dataset": f"xabsa_{args.domain}",
         "setting": f"en-{args.lang}", "seed": args.seed, "model": args.model, "tagging": args.tagging,
         "primary_metric": "f1_avg" if len(eval_langs) > 1 else f"f1_{eval_langs[0]}",
-        **stages_summary(completed, keys), "pairs": data.pair_stats, "beta": beta,
+        **stages_summary(completed, keys), "pairs": data.pair_stats, "beta": beta, "metric": args.metric,
         "selection": {"dev": data.dev_lang, "from_step": args.select_from if stages[-1] == "train" else 0},
         "process_wall_s": round(time.time() - t_start, 2),
     })

@@ -635,6 +635,36 @@ def tagger_softmax(model: torch.nn.Module, encoded: list, pad_id: int, device: t
     return probs
 
 
+def tagger_word_tags(model: torch.nn.Module, encoded: list, tags: list[str], pad_id: int, device: torch.device,
+                     amp_dtype: torch.dtype | None = None) -> list[list[str]]:
+    """Per sentence of `encoded` (EncodedSentence), the argmax tag (named by `tags`) at the labelled
+    sub-token of each word that fits (`first` >= 0), in eval mode (the model's mode is restored)."""
+    was_training = model.training
+    model.eval()
+    pred: list[list[str]] = [[] for _ in encoded]
+    for idx, logits in tagger_logits(model, encoded, pad_id, device, amp_dtype):
+        best = logits.argmax(-1).cpu()
+        for k, i in enumerate(idx):
+            pred[i] = [tags[int(best[k, p])] for p in encoded[i].first if p >= 0]
+    model.train(was_training)
+    return pred
+
+
+def saved_taggers_softmax(build: Any, files: list, encoded: list, pad_id: int, device: torch.device,
+                          amp_dtype: torch.dtype | None = None) -> list[list[torch.Tensor]]:
+    """Per file (a checkpoint whose "model" is a :func:`trainable_state`), the :func:`tagger_softmax` of
+    `encoded` by the model `build()` makes, loaded from it, in eval mode; one model in memory at a time
+    (msmo.py's distillation teachers)."""
+    out = []
+    for f in files:
+        model = build()
+        load_trainable_state(model, torch.load(f, map_location="cpu", weights_only=False)["model"], f"teacher {f}")
+        model.to(device).eval()
+        out.append(tagger_softmax(model, encoded, pad_id, device, amp_dtype))
+        del model
+    return out
+
+
 class GradReverse(torch.autograd.Function):
     """Identity forward; the gradient multiplied by -coeff backward (gradient reversal)."""
 

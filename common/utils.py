@@ -507,6 +507,20 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+@contextlib.contextmanager
+def private_rng(seed: int, device: torch.device) -> Iterator[None]:
+    """Run the block on torch's CPU generator (and `device`'s, a CUDA device) seeded with `seed`,
+    then put their states back: what the block draws (dropout masks, an initialisation) leaves the
+    random stream of the rest of the run as it was (msmo.py: an MSMO run whose added terms weigh 0
+    reproduces the ACS run of the same seed). Seeding from the step number needs no checkpoint state."""
+    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.default_generator.manual_seed(seed)
+        for index in cuda:
+            torch.cuda.default_generators[index].manual_seed(seed)
+        yield
+
+
 def save_checkpoint(run_dir: Path, state: dict, name: str = "checkpoint.pt") -> Path:
     """Write the checkpoint atomically (a kill during the write keeps the previous one)."""
     path = Path(run_dir) / name
