@@ -49,11 +49,12 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from common import text_data
+from common.diagnostics import loss_term_grad_ratios, mean_grad_ratios
 from common import utils
 from common.run import Run, RunArgs
 from common.text_models import load_encoder, make_optimizer, tiny_encoder
-from common.text_tasks import (PRIMARY_METRIC, SELECT_METRIC, EvalSet, collate, encode_examples, epoch_order,
-                               load_task, make_eval_sets, task_metrics)
+from common.text_tasks import (PRIMARY_METRIC, SELECT_METRIC, EvalSet, check_train_tasks, collate,  # noqa: F401
+                               encode_examples, epoch_order, load_encoded_task, task_metrics)  # (speed.py: scal.*)
 from common.utils import UsageError, arg
 
 GLUE_TASKS = ("cola", "sst2", "mrpc", "qqp", "mnli", "qnli", "rte", "wnli", "stsb")
@@ -74,6 +75,9 @@ class Args(RunArgs):
                       choices=list(text_data.SOURCES))
     limit_train: int | None = arg(None, "train on a fixed random subset of this many examples (see --subset-seed)")
     subset_seed: int = arg(0, "seed of the --limit-train subset (fixed across --seed, so seeds share the data)")
+    val_from_train: int | None = arg(None, "hold out this many training rows (fixed seed, never trained on; "
+                                     "--limit-train draws from the rest) to choose the checkpoint and stop early "
+                                     "on (metrics *_val); default: both on the evaluation set, an oracle")
     # -- task and model
     task: str = arg("rte", "task: GLUE, ag_news, trec (coarse, error rate), anli (rounds A1-A3), snli",
                     choices=list(TASK_CHOICES))
@@ -103,9 +107,13 @@ class Args(RunArgs):
     warmup_ratio: float = arg(0.1, "fraction of the planned steps with linear warm-up, then linear decay to 0 "
                               "(ours: the paper says 'warm up learning rate scheduler')", lt=1)
     max_grad_norm: float = arg(1.0, "clip the gradient norm (HF Trainer's default; the paper says nothing; 0: none)")
-    patience: int = arg(3, "stop after this many evaluations without improvement (ours; 0: never stop early)", ge=0)
+    patience: int = arg(3, "stop after this many evaluations without improvement on the selection split "
+                        "(--val-from-train's, else the evaluation set) (ours; 0: never stop early)", ge=0)
     eval_every: int = arg(0, "evaluate every N steps (0: at the end of every epoch)", ge=0)
     eval_batch_size: int = arg(64, "batch size for evaluation")
+    grad_ratio_every: int = arg(50, "every N steps, ||grad|| of each weighted loss term / ||grad|| of the clean CE "
+                                "on the model's parameters (gradratio_* in metrics.jsonl and summary.json; 0: off)",
+                                ge=0)
     # -- robustness evaluation
     robust_eval: bool = arg(True, "also evaluate under a white-box attack on the input embeddings (adv_ metrics)")
     robust_attack: str = arg("same", "attack of the robustness evaluation: same (as --attack), fgm or fgsm",
@@ -139,33 +147,7 @@ def validate(args: Args) -> None:
     utils.check_args(args)
     if args.method in ("scal", "cl") and args.batch_size < 2:
         raise UsageError(f"--batch-size {args.batch_size}: the contrastive term needs >= 2 (in-batch negatives)")
-    for t in args.train_tasks:
-        if t not in text_data.TASKS:
-            raise UsageError(f"--train-tasks {t}: allowed are {', '.join(TASK_CHOICES)}")
-        if text_data.label_names(t) != text_data.label_names(args.task):
-            raise UsageError(f"--train-tasks {t}: its labels {text_data.label_names(t)} differ from --task "
-                             f"{args.task}'s {text_data.label_names(args.task)}")
-    for t in args.train_tasks or [args.task]:
-        if args.train_split not in text_data.task_splits(t):
-            raise UsageError(f"--train-split {args.train_split}: {t} has the splits "
-                             f"{', '.join(text_data.task_splits(t))}")
-
-
-# =========================================================================================
-# Data (common/text_tasks.py: the splits, the training subset, tokenization, padding, metrics)
-# =========================================================================================
-def load_data(args: Args, data_dir: Path):
-    """(encoder, tokenizer, tokenized training examples, evaluation sets, test sets, what defines the
-    data for data_subsets.json). Writes nothing: a missing data set is a one-line MissingError here."""
-    record: dict = {}
-    train_ex, eval_specs, test_specs = load_task(args, data_dir, record)
-    if args.batch_size > len(train_ex):
-        raise UsageError(f"--batch-size {args.batch_size}: larger than the {len(train_ex)} training examples")
-    encoder, tokenizer = load_model(args, [t for e in train_ex for t in (e.text_a, e.text_b) if t])
-    train_enc = encode_examples(tokenizer, train_ex, args.max_length)
-    eval_sets = make_eval_sets(eval_specs, tokenizer, args.task, args.max_length, args.limit_eval)
-    test_sets = make_eval_sets(test_specs, tokenizer, args.task, args.max_length, args.limit_eval)
-    return encoder, tokenizer, train_enc, eval_sets, test_sets, record
+    check_train_tasks(args, TASK_CHOICES)
 
 
 # =========================================================================================
@@ -255,6 +237,24 @@ def infonce_eq7(z: torch.Tensor, z_pos: torch.Tensor, tau: float, denominator: s
 def scal_total_eq8(ce: torch.Tensor, ce_adv: torch.Tensor, l_ct: torch.Tensor, alpha: float) -> torch.Tensor:
     """Eq. 8: 0.5 * (L_ce(x) + L_ce(x_adv)) + alpha * L_ct(x, x_adv)."""
     return 0.5 * (ce + ce_adv) + alpha * l_ct
+
+
+def weighted_terms(terms: dict[str, torch.Tensor], args: Args) -> dict[str, torch.Tensor]:
+    """Each loss term times its weight in the method's total (Eq. 8; +AT 0.5/0.5; +CL CE + alpha * L_ct),
+    for the gradient-norm ratios (--grad-ratio-every)."""
+    weight = {"ce": 0.5 if args.method in ("scal", "adv") else 1.0, "ce_adv": 0.5, "l_ct": args.alpha}
+    return {k: weight[k] * v for k, v in terms.items()}
+
+
+def record_grad_ratios(ratios: list, step: int, terms: dict, model: nn.Module, args: Args) -> float:
+    """Every --grad-ratio-every steps from the first: append {"step", term: ||grad term|| / ||grad CE||} of
+    the weighted terms on the model's parameters to `ratios`. Returns the seconds it took (not training)."""
+    if not args.grad_ratio_every or step % args.grad_ratio_every or len(terms) < 2:
+        return 0.0
+    t = time.time()
+    params = [p for p in model.parameters() if p.requires_grad]
+    ratios.append({"step": step + 1, **loss_term_grad_ratios(weighted_terms(terms, args), "ce", params)})
+    return time.time() - t
 
 
 # =========================================================================================
@@ -349,7 +349,7 @@ def evaluate(model: SCALModel, sets: list[EvalSet], args: Args, device, amp_dtyp
         runs.append(("adv_", args.attack if args.robust_attack == "same" else args.robust_attack, eps))
     out: dict[str, float] = {}
     for ev in sets:
-        for prefix, attack, eps in runs:
+        for prefix, attack, eps in (runs[:1] if ev.name == "val" else runs):  # --val-from-train: clean only
             pred = predict(model, ev.encoded, args, device, amp_dtype, tokenizer, regression, attack, eps)
             out |= {f"{prefix}{k}{ev.suffix}": v for k, v in task_metrics(args.task, pred, ev.gold).items()}
             if ev.groups is not None:
@@ -372,7 +372,7 @@ def setting_name(args: Args) -> str:
 
 
 CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "scaler", "rng", "step", "history", "best", "stopped_early",
-                   "wall_s", "train_s", "samples")
+                   "wall_s", "train_s", "samples")  # and grad_ratios (absent from older checkpoints)
 
 
 def main(args: Args) -> dict:
@@ -384,8 +384,8 @@ def main(args: Args) -> dict:
     data_dir = utils.resolve_text_data_dir(args.data_dir)
     regression = args.task in text_data.REGRESSION_TASKS
 
-    # ---- data and model (before the run directory exists: a failure here writes nothing)
-    encoder, tokenizer, train_enc, eval_sets, test_sets, data_record = load_data(args, data_dir)
+    # ---- data (common/text_tasks.py) and model, before the run directory exists: a failure writes nothing
+    encoder, tokenizer, train_enc, eval_sets, test_sets, data_record = load_encoded_task(args, data_dir, load_model)
     model = SCALModel(encoder, 1 if regression else len(text_data.label_names(args.task))).to(device).train()
     steps_per_epoch = len(train_enc) // args.batch_size  # drop_last: every batch has negatives
     total_steps = args.epochs * steps_per_epoch
@@ -393,6 +393,7 @@ def main(args: Args) -> dict:
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
     primary = PRIMARY_METRIC.get(args.task, "acc")
     select = SELECT_METRIC.get(args.task, primary)
+    sel = select + ("_val" if args.val_from_train else "")  # chooses the checkpoint, stops early
 
     # ---- the run directory (data_subsets.json: the training subset, the evaluation examples used)
     state = run.restore(model=model, optimizer=opt, scheduler=sched, scaler=scaler)  # {} for a new run
@@ -401,6 +402,7 @@ def main(args: Args) -> dict:
     step, history, best = state.get("step", 0), state.get("history", []), state.get("best")
     train_time, samples = state.get("train_s", 0.0), state.get("samples", 0)
     stopped_early = bool(state.get("stopped_early"))  # a finished run resumes to its summary
+    ratios = state.get("grad_ratios", [])  # {"step", term: ratio} every --grad-ratio-every steps
     print(f"run: {run.dir}  |  {args.method} on {args.task} ({len(train_enc)} train, "
           f"{', '.join(f'{e.name} {len(e.gold)}' for e in eval_sets)})  |  model {args.model}  |  device {device}, "
           f"precision {amp_dtype or 'fp32'}")
@@ -418,6 +420,7 @@ def main(args: Args) -> dict:
             with utils.autocast(device, amp_dtype):
                 loss, terms = STEPS[args.method](model, batch, args)
             if run.finite(loss, step, terms):  # else (--skip-nonfinite): no backward pass, no update
+                t0 += record_grad_ratios(ratios, step, terms, model, args)  # a diagnostic: not training time
                 opt.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 if args.max_grad_norm > 0:
@@ -438,11 +441,13 @@ def main(args: Args) -> dict:
             if due:
                 res = evaluate(model, eval_sets, args, device, amp_dtype, tokenizer)
                 history.append({"step": step, "epoch": step / steps_per_epoch, **res})
-                best = max(history, key=lambda r: r[select])  # the first of the best evaluations
-                if best is history[-1] and test_sets:  # the best-dev weights, for the test evaluation at the end
+                best = max(history, key=lambda r: r[select])  # the first of the best on the evaluation set (oracle)
+                chosen = max(history, key=lambda r: r[sel])  # = best without --val-from-train
+                if chosen is history[-1] and test_sets:  # the chosen weights, for the test evaluation at the end
                     utils.atomic_torch_save(model.state_dict(), run.dir / "best_model.pt")
-                stopped_early = 0 < args.patience <= len(history) - 1 - history.index(best)  # evaluations after best
-                train_log = run.means()
+                stopped_early = 0 < args.patience <= len(history) - 1 - history.index(chosen)  # evaluations after it
+                prev = history[-2]["step"] if len(history) > 1 else 0
+                train_log = run.means() | mean_grad_ratios([r for r in ratios if r["step"] > prev])
                 run.log(step, eval_sets[0].name, epoch=step / steps_per_epoch, **res, lr=sched.get_last_lr()[0],
                         **train_log)
                 tqdm.write(f"step {step:6d}  {select} {res[select]:6.2f}  best {best[select]:6.2f}"
@@ -450,28 +455,41 @@ def main(args: Args) -> dict:
                            + "".join(f"  {k} {v:.4f}" for k, v in train_log.items()))
             if due or run.stopped:  # checkpoint at every evaluation, and on Ctrl-C / SIGTERM (mid-epoch too)
                 run.save(step=step, history=history, best=best, stopped_early=stopped_early, train_s=train_time,
-                         samples=samples)
+                         samples=samples, grad_ratios=ratios)
                 if run.stopped:
                     run.interrupt(f"at step {step}")
             if at_limit:
                 break
     bar.close()
-
-    # ---- the paper's test numbers (ANLI): the best-dev checkpoint on the test split
+    # ---- the paper's test numbers (ANLI: the chosen checkpoint on the test split) and summary.json
     test = None
     if test_sets and best is not None:
         model.load_state_dict(torch.load(run.dir / "best_model.pt", map_location=device, weights_only=True))
-        test = evaluate(model, test_sets, args, device, amp_dtype, tokenizer) | {"step": best["step"]}
-    last = history[-1]
+        test = evaluate(model, test_sets, args, device, amp_dtype, tokenizer)
+    return finish(run, args, history, sel, ratios, test, {
+        "n_train": len(train_enc), "steps": step, "evaluations": len(history), "stopped_early": stopped_early,
+        "samples_per_s": round(samples / max(train_time, 1e-9), 2)})
+
+
+def finish(run: Run, args: Args, history: list[dict], sel: str, ratios: list[dict], test: dict | None,
+           counts: dict) -> dict:
+    """summary.json: the last evaluation (final), the best one on the evaluation set itself (best: an oracle),
+    the one chosen by `sel` (selected: on --val-from-train's split; = best without it), the test numbers of
+    the chosen checkpoint (ANLI), the mean gradient-norm ratios, and `counts`."""
+    primary = PRIMARY_METRIC.get(args.task, "acc")
+    select = SELECT_METRIC.get(args.task, primary)
+    last, best, chosen = history[-1], max(history, key=lambda r: r[select]), max(history, key=lambda r: r[sel])
+    test = test | {"step": chosen["step"]} if test else None
     summary = run.finish({
         "script": "scal.py", "method": args.method, "dataset": args.task, "setting": setting_name(args),
         "seed": args.seed, "model": args.model, "primary_metric": primary, "select_metric": select,
         "final": {k: v for k, v in last.items() if k != "epoch"},
         "best": {k: v for k, v in best.items() if k != "epoch"},
-        "test": test, "n_train": len(train_enc), "steps": step, "evaluations": len(history),
-        "stopped_early": stopped_early, "samples_per_s": round(samples / max(train_time, 1e-9), 2),
-    })
-    print(f"done: {primary} last {last[primary]:.2f}  best {best[primary]:.2f} (step {best['step']})"
+        "selected": {k: v for k, v in chosen.items() if k != "epoch"}, "selected_by": sel,
+        "n_val": args.val_from_train or 0, "test": test,
+        "grad_ratios": {"every": args.grad_ratio_every, "samples": len(ratios), **mean_grad_ratios(ratios)}, **counts})
+    print(f"done: {primary} last {last[primary]:.2f}  best {best[primary]:.2f} (step {best['step']})  selected by "
+          f"{sel} {chosen[primary]:.2f} (step {chosen['step']})"
           + (f"  test {test[primary]:.2f}" if test else "") + f"  ->  {run.dir}/summary.json")
     return summary
 

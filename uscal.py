@@ -9,6 +9,8 @@ Docs: docs/scal.md#uscalpy (each reading of the paper, the CPU protocol, the res
     python uscal.py --preset roberta-base              # RoBERTa-base (lr 1e-5, SimCSE's)
     python uscal.py --preset cpu --seed 0              # CPU-scale protocol (MiniLM-L6 [CLS], offline sentences)
     python uscal.py --preset cpu --eval-only           # the untrained starting point of the CPU protocol
+    python uscal.py --preset cpu-native                # reference row: untrained MiniLM, its own mean pooling
+    python uscal.py --preset cpu --epsilon 0           # control: a third dropout view, no adversarial direction
     python -m benchmarks.run --suite smoke --only uscal_   # a tiny random model for a few steps
 
 Per step, for a batch of sentences x (Sec. 3.4):
@@ -22,7 +24,9 @@ Per step, for a batch of sentences x (Sec. 3.4):
                       adversarial vectors of the batch (as in Eq. 4)
 
 `--alpha 0` skips the adversarial pass: the step is then exactly unsupervised SimCSE (the baseline).
-The best checkpoint on STS-B dev is tested on the seven STS sets and saved in <run>/model (no MLP).
+The best checkpoint on STS-B dev (a development set, not a test set; `--patience` stops training when
+it stops improving) is tested on the seven STS sets and saved in <run>/model (no MLP). Training
+sentences that occur in an evaluation set are dropped from the pool (`--keep-eval-sentences`: not).
 """
 
 from __future__ import annotations
@@ -40,9 +44,9 @@ from tqdm import tqdm
 from common import text_data
 from common import utils
 from common.run import Run, RunArgs
-from common.text_models import (SENTENCE_POOLINGS, encode_sentences, load_encoder, make_optimizer, tiny_encoder,
-                                 tokenize_batch)
-from common.text_tasks import sts_spearman
+from common.text_models import (SENTENCE_POOLINGS, encode_sentences, load_encoder, make_optimizer, mean_pool,
+                                 tiny_encoder, tokenize_batch)
+from common.text_tasks import epoch_order, sts_spearman
 from common.utils import UsageError, arg
 
 TEST_SETS = ("sts12", "sts13", "sts14", "sts15", "sts16", "stsb", "sickr")
@@ -63,6 +67,8 @@ class Args(RunArgs):
     subset_seed: int = arg(0, "seed of the --limit-train subset (fixed across --seed, so seeds share the data)")
     limit_eval: int | None = arg(None, "evaluate on the first N pairs of each STS set / subset (default: all)")
     eval_only: bool = arg(False, "no training: evaluate the starting encoder on STS-B dev and the test sets")
+    keep_eval_sentences: bool = arg(False, "keep training sentences that occur in an evaluation set (STS12-16, "
+                                    "STS-B dev/test, SICK-R); default: dropped, the number in summary.json")
     # -- data and model
     train_data: str = arg("wiki1m", "training sentences: wiki1m (SimCSE's) or senteval (MR, CR, SUBJ, MPQA and STS-B "
                           "train sentences, offline)", choices=list(text_data.UNLABELLED_SENTENCES))
@@ -71,13 +77,17 @@ class Args(RunArgs):
     max_length: int = arg(32, "maximum tokens per training sentence", ge=4)
     eval_max_length: int = arg(128, "maximum tokens per evaluation sentence", ge=4)
     eval_pooling: str = arg("cls_before_pooler", "sentence vector at evaluation: cls_before_pooler ([CLS], no MLP; "
-                            "paper), cls ([CLS] through the MLP), avg (mean over tokens)",
-                            choices=list(SENTENCE_POOLINGS))
+                            "paper), cls ([CLS] through the MLP), avg (mean over tokens); training pools by "
+                            "--train-pooling whatever this says", choices=list(SENTENCE_POOLINGS))
+    train_pooling: str = arg("cls", "sentence vector of the training loss: cls (MLP on [CLS], SimCSE unsup; paper) "
+                             "or avg (mean over tokens, no MLP: how all-MiniLM-L6-v2 was trained)",
+                             choices=["cls", "avg"])
     # -- method
     alpha: float = arg(1.0, "weight of the adversarial term in Eq. 10 (not given in the paper); 0 = SimCSE")
     attack: str = arg("fgm", "perturbation: fgm (Eq. 9, eps * g/||g||_2 per sentence) or fgsm (eps * sign g)",
                       choices=["fgm", "fgsm"])
-    epsilon: float = arg(0.3, "perturbation size (not given for USCAL; middle of the paper's SCAL grid)")
+    epsilon: float = arg(0.3, "perturbation size (not given for USCAL; middle of the paper's SCAL grid); 0: the "
+                         "control, a third dropout view of the same input (same passes, no adversarial direction)")
     tau: float = arg(0.05, "temperature of the InfoNCE (Eq. 4)", gt=0)
     # -- optimisation
     epochs: int = arg(1, "training epochs (SimCSE: one pass over wiki1m)")
@@ -87,6 +97,8 @@ class Args(RunArgs):
     warmup_ratio: float = arg(0.1, "fraction of the planned steps with linear warm-up, then linear decay to 0", lt=1)
     max_grad_norm: float = arg(1.0, "clip the gradient norm (0: no clipping)")
     eval_every: int = arg(250, "evaluate on STS-B dev every N steps (and at the end)")
+    patience: int = arg(0, "stop after this many STS-B dev evaluations without improvement (0: never); the tested "
+                        "model is the best on STS-B dev either way", ge=0)
     eval_batch_size: int = arg(128, "sentences per batch when encoding for evaluation")
     test_final: bool = arg(False, "also test the last model when it is not the best one (default: best only)")
 
@@ -97,6 +109,8 @@ PRESETS = {
                     "STS-B dev every 20 steps",
             "model": "minilm-l6", "source": "local", "train_data": "senteval", "limit_train": 6400,
             "eval_every": 20},
+    "cpu-native": {"_doc": "reference row: the untrained MiniLM-L6 with its native mean pooling on the seven STS sets",
+                   "model": "minilm-l6", "source": "local", "eval_only": True, "eval_pooling": "avg"},
 }
 
 
@@ -111,13 +125,15 @@ def validate(args: Args) -> None:
 # Data: training sentences; STS evaluation sets
 # =========================================================================================
 def load_data(args: Args, data_dir: Path) -> tuple[list[str], dict, dict, dict]:
-    """The training sentences (wiki1m, or offline ones; the --limit-train subset), STS-B dev and the
-    seven test sets (the first --limit-eval pairs of each subset), and their record (data_subsets.json).
+    """The training sentences (wiki1m or offline ones, less any sentence of an evaluation set; the --limit-train
+    subset), STS-B dev and the seven test sets (the first --limit-eval pairs of each subset), and their record.
     --eval-only loads no training sentences, except for `tiny`, whose vocabulary is trained on them."""
     sentences, record = [], {"train": None}
     if not args.eval_only or args.model == "tiny":
+        exclude = None if args.keep_eval_sentences else lambda: text_data.sts_sentences(  # all, whatever --limit-eval
+            [(("stsb",), "dev"), (TEST_SETS, "test")], data_dir, args.source)
         sentences, record["train"] = text_data.load_unlabelled_sentences(
-            args.train_data, data_dir, args.source, args.limit_train, args.subset_seed)
+            args.train_data, data_dir, args.source, args.limit_train, args.subset_seed, exclude)
     if not args.eval_only and args.batch_size > len(sentences):
         raise UsageError(f"--batch-size {args.batch_size}: larger than the {len(sentences)} training sentences")
     dev_sets = text_data.load_sts_sets(("stsb",), "dev", data_dir, args.source, args.limit_eval)
@@ -132,13 +148,15 @@ def load_data(args: Args, data_dir: Path) -> tuple[list[str], dict, dict, dict]:
 # Model: encoder + MLP pooler on [CLS] (training only)
 # =========================================================================================
 class SimCSEModel(nn.Module):
-    """z = MLP(h_[CLS]) with MLP = Linear + tanh (SimCSE's training pooler, new weights). The
-    forward takes input embeddings so the training step can perturb them."""
+    """z = MLP(h_[CLS]) with MLP = Linear + tanh (SimCSE's training pooler, new weights), or with
+    pooling "avg" the mean of the token vectors (no MLP). The forward takes input embeddings so the
+    training step can perturb them."""
 
-    def __init__(self, encoder: nn.Module):
+    def __init__(self, encoder: nn.Module, pooling: str = "cls"):
         super().__init__()
         cfg = encoder.config
         self.encoder = encoder
+        self.pooling = pooling
         self.mlp = nn.Sequential(nn.Linear(cfg.hidden_size, cfg.hidden_size), nn.Tanh())
         nn.init.normal_(self.mlp[0].weight, std=getattr(cfg, "initializer_range", 0.02))
         nn.init.zeros_(self.mlp[0].bias)
@@ -149,6 +167,8 @@ class SimCSEModel(nn.Module):
     def forward(self, embeds: torch.Tensor, batch: dict) -> torch.Tensor:
         extra = {"token_type_ids": batch["token_type_ids"]} if "token_type_ids" in batch else {}
         h = self.encoder(inputs_embeds=embeds, attention_mask=batch["attention_mask"], **extra).last_hidden_state
+        if self.pooling == "avg":  # SimCSE's and sentence-transformers' mean pooling: no MLP
+            return mean_pool(h, batch["attention_mask"]).float()
         return self.mlp(h[:, 0]).float()
 
 
@@ -255,23 +275,19 @@ def export_and_test(model: SimCSEModel, tokenizer, run_dir: Path, test_sets: dic
 # =========================================================================================
 # Training
 # =========================================================================================
-def epoch_order(sentences: list[str], batch_size: int, seed: int, epoch: int) -> list[int]:
-    """An epoch's order in length-grouped batches (characters: little padding), a function of (seed, epoch) only."""
-    return text_data.length_grouped_order([len(x) for x in sentences], batch_size,
-                                          torch.Generator().manual_seed(seed * 100_003 + epoch))
-
-
 def method_name(args: Args) -> str:
     return "untrained" if args.eval_only else ("simcse" if args.alpha == 0 else "uscal")
 
 
 def setting_name(args: Args) -> str:
-    s = f"{Path(args.model).name}_{args.eval_pooling}"
+    s = f"{Path(args.model).name}_{args.eval_pooling}" + ("_trainavg" if args.train_pooling == "avg" else "")
     return s if args.alpha == 0 or args.eval_only else s + f"_{args.attack}{args.epsilon:g}_a{args.alpha:g}"
 
 
+SELECTED_ON = ("STS-B dev (a development set, not a test set: legitimate model selection; the seven test sets are "
+               "scored once, on that checkpoint)")
 CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "scaler", "rng", "step", "history", "best", "wall_s",
-                   "train_s", "samples")
+                   "train_s", "samples")  # and stopped_early (absent from older checkpoints)
 
 
 def main(args: Args) -> dict:
@@ -284,7 +300,7 @@ def main(args: Args) -> dict:
     # ---- data and model (before the run directory exists: a failure here writes nothing)
     sentences, dev_sets, test_sets, data_record = load_data(args, utils.resolve_text_data_dir(args.data_dir))
     encoder, tokenizer = load_model(args, sentences)
-    model = SimCSEModel(encoder).to(device).train()
+    model = SimCSEModel(encoder, args.train_pooling).to(device).train()
     steps_per_epoch = len(sentences) // args.batch_size  # drop_last: every batch has its negatives
     total_steps = 0 if args.eval_only else args.epochs * steps_per_epoch
     # AdamW without decay on biases/LayerNorm, linear warm-up then decay (Sec. 4.1; SimCSE used neither)
@@ -298,12 +314,14 @@ def main(args: Args) -> dict:
              files={"data_subsets.json": data_record}, resumed_at=f"at step {state['step']}" if state else "")
     step, history, best = state.get("step", 0), state.get("history", []), state.get("best")
     train_time, samples = state.get("train_s", 0.0), state.get("samples", 0)
+    stopped_early = bool(state.get("stopped_early"))  # a run stopped early resumes to its summary
     print(f"run: {run.dir}  |  {method_name(args)} on {len(sentences)} {args.train_data} sentences  |  "
           f"model {args.model}  |  device {device}, precision {amp_dtype or 'fp32'}")
 
     def evaluate_and_checkpoint() -> None:
-        """STS-B dev, log, keep the best encoder weights, checkpoint."""
-        nonlocal best
+        """STS-B dev, log, keep the best encoder weights, stop after --patience evaluations without a better one,
+        checkpoint."""
+        nonlocal best, stopped_early
         res = {"stsb_dev": evaluate_sts(model.encoder, model.mlp, tokenizer, dev_sets, args, device, amp_dtype)["stsb"]}
         model.train()
         train_log = run.means()
@@ -311,14 +329,16 @@ def main(args: Args) -> dict:
         if best is None or res["stsb_dev"] > best["stsb_dev"]:
             best = dict(history[-1])
             utils.atomic_torch_save(model.state_dict(), run.dir / "best_model.pt")
+        stopped_early = 0 < args.patience <= sum(r["step"] > best["step"] for r in history)
         run.log(step, "stsb_dev", epoch=step / max(steps_per_epoch, 1), **res, lr=sched.get_last_lr()[0], **train_log)
         tqdm.write(f"step {step:6d}  STS-B dev {res['stsb_dev']:6.2f}  best {best['stsb_dev']:6.2f} (step "
                    f"{best['step']})" + "".join(f"  {k} {v:.4f}" for k, v in train_log.items()))
-        run.save(step=step, history=history, best=best, train_s=train_time, samples=samples)
+        run.save(step=step, history=history, best=best, train_s=train_time, samples=samples,
+                 stopped_early=stopped_early)
 
     with run:
-        for epoch in range(step // max(steps_per_epoch, 1), args.epochs if not args.eval_only else 0):
-            order = epoch_order(sentences, args.batch_size, args.seed, epoch)
+        for epoch in range(step // max(steps_per_epoch, 1), 0 if args.eval_only or stopped_early else args.epochs):
+            order = epoch_order([len(x) for x in sentences], args.batch_size, args.seed, epoch)  # characters
             first = step - epoch * steps_per_epoch  # > 0 only when resuming mid-epoch
             bar = tqdm(range(first, steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}", leave=False,
                        dynamic_ncols=True, disable=None)
@@ -346,12 +366,13 @@ def main(args: Args) -> dict:
                 bar.set_postfix(loss=f"{loss.item():.3f}")
                 if step % args.eval_every == 0:  # also when interrupted: it is due at this step
                     evaluate_and_checkpoint()
-                if run.stopped or (args.max_steps and step >= args.max_steps):
+                if run.stopped or stopped_early or (args.max_steps and step >= args.max_steps):
                     break
             if run.stopped:  # checkpoint this step (the data order is a function of the epoch: it resumes mid-epoch)
-                run.save(step=step, history=history, best=best, train_s=train_time, samples=samples)
+                run.save(step=step, history=history, best=best, train_s=train_time, samples=samples,
+                         stopped_early=stopped_early)
                 run.interrupt(f"at step {step}")
-            if args.max_steps and step >= args.max_steps:
+            if stopped_early or (args.max_steps and step >= args.max_steps):
                 break
         if not history or history[-1]["step"] != step:  # the end of training (or, with --eval-only, the start)
             evaluate_and_checkpoint()
@@ -362,7 +383,9 @@ def main(args: Args) -> dict:
         "script": "uscal.py", "method": method_name(args), "dataset": "sts", "train_data": args.train_data,
         "setting": setting_name(args), "seed": args.seed, "model": args.model, "primary_metric": "spearman_avg",
         "final": final, "best": {**best, **test}, "n_train": len(sentences), "steps": step,
-        "evaluations": len(history), "samples_per_s": round(samples / max(train_time, 1e-9), 2) if samples else None})
+        "evaluations": len(history), "samples_per_s": round(samples / max(train_time, 1e-9), 2) if samples else None,
+        "stopped_early": stopped_early, "selected_on": SELECTED_ON,
+        "n_excluded_eval_sentences": (data_record["train"] or {}).get("n_excluded")})
     print("test (best checkpoint, step %d): " % best["step"]
           + "  ".join(f"{k} {test[k]:.2f}" for k in (*TEST_SETS, "spearman_avg")) + f"  ->  {run.dir}/summary.json")
     return summary

@@ -84,3 +84,57 @@ def analysis_only_confidence_bins(probs: torch.Tensor, gold: torch.Tensor, n_his
                    "clean": torch.bincount(b[correct], minlength=n_hist).tolist(),
                    "noisy": torch.bincount(b[~correct], minlength=n_hist).tolist()}
     return out
+
+
+# ------------------------------------------------------------------------------------------
+# Gradient norms of loss terms (scal.py --grad-ratio-every)
+# ------------------------------------------------------------------------------------------
+def loss_term_grad_norm(term: torch.Tensor, params: list[torch.Tensor]) -> float:
+    """||d term / d params||_2 over all of `params` together (fp32), without touching their .grad and
+    keeping the graph for the step's own backward pass; 0 for a term with no path to `params`."""
+    if not term.requires_grad:
+        return 0.0
+    grads = torch.autograd.grad(term, params, retain_graph=True, allow_unused=True)
+    squares = [(g.float() ** 2).sum() for g in grads if g is not None]
+    return float(torch.stack(squares).sum().sqrt()) if squares else 0.0
+
+
+def loss_term_grad_ratios(terms: dict[str, torch.Tensor], reference: str, params: list[torch.Tensor]) -> dict:
+    """{term: ||grad term|| / ||grad terms[reference]||} for every term but the reference, the gradients
+    taken on `params` (loss_term_grad_norm). Pass each term as it enters the total loss (times its weight)
+    to see which one drives the update. None where the reference's gradient is 0."""
+    ref = loss_term_grad_norm(terms[reference], params)
+    return {k: (loss_term_grad_norm(v, params) / ref if ref > 0 else None) for k, v in terms.items() if k != reference}
+
+
+def mean_grad_ratios(samples: list[dict], prefix: str = "gradratio_") -> dict[str, float]:
+    """{prefix + term: mean over `samples`} of loss_term_grad_ratios records (their "step" key and None
+    values left out); {} without samples."""
+    keys = sorted({k for r in samples for k in r if k != "step"})
+    vals = {k: [r[k] for r in samples if r.get(k) is not None] for k in keys}
+    return {prefix + k: sum(v) / len(v) for k, v in vals.items() if v}
+
+
+# ---- gradient shares of a loss's terms, and per-phase summaries (msmo.py --diag-every) ---------------
+def grad_norm_ratios(terms: dict[str, torch.Tensor], params: list[torch.Tensor], ref: str) -> dict[str, float | None]:
+    """gnorm_<ref> = ||grad terms[ref]|| and, per other term t, gratio_<t> = ||grad t|| / ||grad ref|| (None
+    when the reference's norm is 0), on `params` (loss_term_grad_norm); without `ref` among the terms,
+    gnorm_<t> of each."""
+    norms = {k: loss_term_grad_norm(v, params) for k, v in terms.items()}
+    if ref not in norms:
+        return {f"gnorm_{k}": v for k, v in norms.items()}
+    den = norms[ref]
+    return {f"gnorm_{ref}": den, **{f"gratio_{k}": (v / den if den else None) for k, v in norms.items() if k != ref}}
+
+
+def means_by_group(records: list[dict], key: str, skip: tuple[str, ...] = ()) -> dict[str, dict]:
+    """Per value of records[i][key] (e.g. a training phase), per numeric field: its mean, first and last
+    value and count over the records of that group (None values left out)."""
+    out: dict[str, dict] = {}
+    for rec in records:
+        group = out.setdefault(str(rec[key]), {})
+        for k, v in rec.items():
+            if k != key and k not in skip and isinstance(v, (int, float)) and not isinstance(v, bool):
+                group.setdefault(k, []).append(float(v))
+    return {g: {k: {"mean": sum(v) / len(v), "first": v[0], "last": v[-1], "n": len(v)} for k, v in fields.items()}
+            for g, fields in out.items()}

@@ -306,6 +306,13 @@ def load_sts(name: str, split: str = "test", data_dir: str | Path | None = None,
     return {"all": load_text_task(name, "test", data_dir, "hub")}
 
 
+def sts_sentences(specs: list[tuple[tuple[str, ...], str]], data_dir: str | Path | None = None,
+                  source: str = "auto") -> set[str]:
+    """Every sentence of the STS sets [(names, split)], all their pairs (uscal.py drops them from its pool)."""
+    return {t for names, split in specs for subsets in load_sts_sets(names, split, data_dir, source).values()
+            for exs in subsets.values() for e in exs for t in (e.text_a, e.text_b)}
+
+
 def load_sts_sets(names: tuple[str, ...], split: str = "test", data_dir: str | Path | None = None,
                   source: str = "auto", limit: int | None = None) -> dict[str, dict[str, list[Example]]]:
     """{set name: {subset: [Example(s1, s2, score)]}}: :func:`load_sts` for each name (STS-B dev is
@@ -478,6 +485,25 @@ def read_sick(split: str, data_dir: str | Path | None = None) -> list[Example]:
         if len(parts) != 5:
             raise _corrupt(path, i, f"{len(parts)} tab-separated fields")
         out.append(Example(parts[1], parts[2], _float(parts[3], path, i)))
+    return out
+
+
+def read_sick_nli(data_dir: str | Path | None = None) -> list[Example]:
+    """SICK as 3-way NLI (conlst.py --source-add sick): every pair of SICK.txt (train, trial and test,
+    9,840), label = entailment_label (ENTAILMENT, NEUTRAL, CONTRADICTION -> 0, 1, 2: XNLI's order)."""
+    data_dir = resolve_text_data_dir(data_dir)
+    path = _need(data_dir, "sick/SICK.txt", "SICK (SICK.txt)")
+    lines = _read_lines(path)
+    head = lines[0].split("\t") if lines else []
+    if "entailment_label" not in head:
+        raise _corrupt(path, 1, "no entailment_label column in the header")
+    a, b, y = head.index("sentence_A"), head.index("sentence_B"), head.index("entailment_label")
+    out = []
+    for i, line in enumerate(lines[1:], 2):
+        parts = line.split("\t")
+        if len(parts) != len(head):
+            raise _corrupt(path, i, f"{len(parts)} tab-separated fields")
+        out.append(Example(parts[a], parts[b], _label_id("snli", parts[y].lower(), path, i)))
     return out
 
 
@@ -790,6 +816,77 @@ def span_f1(gold_tags: list[list[str]], pred_tags: list[list[str]], scheme: str)
     return 100 * float(f1)
 
 
+def decode_xabsa(tags: list[str]) -> list[tuple[int, int, str]]:
+    """Aspect spans as XABSA's official metric reads BIEOS tags (its seq_utils.tag2absa, re-derived):
+    lenient and stateful where decode_aspect_spans is strict. B-x opens a span (its polarity list
+    becomes [x]); O and I do not close it (I adds its polarity); E-x closes it when every polarity
+    since that B is x, giving (B, E, x), and otherwise changes nothing; S-x gives (i, i, x) and empties
+    the polarity list but leaves an open B open. So `B O E` is an aspect, `B S E` gives the S and
+    the B...E aspect, and a stale B can be closed much later. T tags are not read (O)."""
+    spans: list[tuple[int, int, str]] = []
+    beg, pols = -1, []
+    for i, tag in enumerate(tags):
+        kind, _, pol = tag.partition("-")
+        if kind not in "BIES" or not pol:
+            continue
+        pols.append(pol)
+        if kind == "S":
+            spans.append((i, i, pol))
+            pols = []
+        elif kind == "B":
+            beg, pols = i, [pol]
+        elif kind == "E" and beg >= 0 and len(set(pols)) == 1:
+            spans.append((beg, i, pol))
+            beg, pols = -1, []
+    return spans
+
+
+def bio_as_xabsa_bieos(tags: list[str]) -> list[str]:
+    """XABSA's reading of BIO tags (bio2ot, then ot2bieos): every B-x / I-x is an aspect word, a maximal
+    run of them (whatever their polarities) becomes S, or B I ... E, each word keeping its polarity;
+    so `B-x B-x` is one aspect."""
+    inside = [t != "O" for t in tags] + [False]
+    out = []
+    for i, tag in enumerate(tags):
+        if not inside[i]:
+            out.append("O")
+            continue
+        start, last = i == 0 or not inside[i - 1], not inside[i + 1]
+        kind = ("S" if last else "B") if start else ("E" if last else "I")
+        out.append(f"{kind}-{tag.partition('-')[2]}")
+    return out
+
+
+XABSA_SMOOTHING = 1e-4  #: XABSA's SMALL_POSITIVE_CONST, added to every denominator of P, R and F1
+
+
+def xabsa_span_f1(gold_tags: list[list[str]], pred_tags: list[list[str]], scheme: str) -> float:
+    """Micro-F1 (in %) as XABSA's official metric computes it (seq_utils.compute_metrics_absa): gold and
+    predicted tags both read by decode_xabsa (BIO first by bio_as_xabsa_bieos), a hit is a predicted
+    (begin, end, polarity) among the gold ones, P = hits / (predicted + 1e-4), R = hits / (gold + 1e-4),
+    F1 = 2PR / (P + R + 1e-4). The caller drops the words cut off by truncation from both sides, as
+    XABSA scores only labelled positions."""
+    if len(gold_tags) != len(pred_tags):
+        raise ValueError(f"{len(gold_tags)} gold sentences but {len(pred_tags)} predictions")
+    hits = n_gold = n_pred = 0
+    for gold, pred in zip(gold_tags, pred_tags):
+        if scheme == "bio":
+            gold, pred = bio_as_xabsa_bieos(gold), bio_as_xabsa_bieos(pred)
+        g, p = decode_xabsa(gold), decode_xabsa(pred)
+        hits, n_gold, n_pred = hits + sum(t in g for t in p), n_gold + len(g), n_pred + len(p)
+    precision, recall = hits / (n_pred + XABSA_SMOOTHING), hits / (n_gold + XABSA_SMOOTHING)
+    return 100 * 2 * precision * recall / (precision + recall + XABSA_SMOOTHING)
+
+
+def word_tags_f1(gold_tags: list[list[str]], pred_tags: list[list[str]], scheme: str, metric: str) -> float:
+    """msmo.py --metric: span F1 (in %) of predicted word tags that may stop short of the gold ones (the
+    words cut off by truncation). xabsa: xabsa_span_f1 on the predicted words (a word cut off leaves the
+    gold too, as in XABSA); seqeval: span_f1, a word cut off predicted O (a miss)."""
+    if metric == "seqeval":
+        return span_f1(gold_tags, [list(p) + ["O"] * (len(g) - len(p)) for g, p in zip(gold_tags, pred_tags)], scheme)
+    return xabsa_span_f1([g[: len(p)] for g, p in zip(gold_tags, pred_tags)], pred_tags, scheme)
+
+
 def aspect_skeleton(s: AbsaSentence) -> tuple[str, ...]:
     """The sentence with each aspect replaced by a marker carrying its polarity: equal for a
     sentence and its code-switched version (only the aspect terms differ)."""
@@ -853,9 +950,15 @@ class AlignedPair(NamedTuple):
     aspects: list[tuple[list[int], list[int]]]
 
 
-def encode_tagged(tokenizer, sentences: list[AbsaSentence], scheme: str, max_len: int) -> list[EncodedSentence]:
-    """Tokenize pre-split words (no prefix), label the first sub-token of each word."""
+def encode_tagged(tokenizer, sentences: list[AbsaSentence], scheme: str, max_len: int,
+                  bare_space: bool = False) -> list[EncodedSentence]:
+    """Tokenize pre-split words (no prefix), label the first sub-token of each word. bare_space: a word
+    whose first piece is the bare SentencePiece "\u2581" (XLM-R / e5-small split e.g. "," into "\u2581" ",")
+    is labelled at its next piece, as XABSA's fix_space_issue does (not when "\u2581" is all that is left
+    of it); a tokenizer without that piece (WordPiece) is unaffected."""
     index = {t: i for i, t in enumerate(tag_list(scheme))}
+    space = tokenizer.convert_tokens_to_ids("\u2581") if bare_space else None
+    space = None if space == tokenizer.unk_token_id else space
     out = []
     for lo in range(0, len(sentences), 512):
         chunk = sentences[lo:lo + 512]
@@ -865,6 +968,8 @@ def encode_tagged(tokenizer, sentences: list[AbsaSentence], scheme: str, max_len
             first = [-1] * len(s.tokens)
             for pos, w in enumerate(enc.word_ids(k)):
                 if w is not None and first[w] < 0:
+                    first[w] = pos
+                elif w is not None and first[w] == pos - 1 and ids[pos - 1] == space:  # past the bare piece
                     first[w] = pos
             labels = [-100] * len(ids)
             for w, tag in enumerate(spans_to_tags(s.spans, len(s.tokens), scheme)):
@@ -1034,9 +1139,10 @@ class AcsData:
 
 def encode_acs_data(args: Any, data: dict, tokenizer: Any) -> AcsData:
     """Encode every set; build the CE pool (with critic sides), the critic pools and the pairs."""
-    enc = {role: encode_tagged(tokenizer, s, args.tagging, args.max_len) for role, s in data["train"].items()}
-    dev = encode_tagged(tokenizer, data["dev"], args.tagging, args.max_len)
-    tests = {k: encode_tagged(tokenizer, v, args.tagging, args.max_len) for k, v in data["tests"].items()}
+    bare = getattr(args, "label_piece", "first") == "xabsa"  # msmo.py --label-piece
+    enc = {role: encode_tagged(tokenizer, s, args.tagging, args.max_len, bare) for role, s in data["train"].items()}
+    dev = encode_tagged(tokenizer, data["dev"], args.tagging, args.max_len, bare)
+    tests = {k: encode_tagged(tokenizer, v, args.tagging, args.max_len, bare) for k, v in data["tests"].items()}
     pool, sides = [], []
     for role in ACS_METHOD_ROLES[args.method]:
         side = ACS_ROLE_SIDE.get(role, -1)
@@ -1060,6 +1166,22 @@ def encode_acs_data(args: Any, data: dict, tokenizer: Any) -> AcsData:
     critic_pools = ([e for e, s in zip(pool, sides) if s == 0], [e for e, s in zip(pool, sides) if s == 1])
     return AcsData(pool, sides, critic_pools, pairs, stats, enc.get("gold_tgt", []), dev, gold(data["dev"]), tests,
                    {k: gold(v) for k, v in data["tests"].items()}, data["dev_lang"], tokenizer.pad_token_id)
+
+
+def acs_step_batches(samplers: BatchStreams, data: AcsData, pool: list[EncodedSentence], sides: list[int], device,
+                     with_pairs: bool, n_fresh: int) -> tuple[list[int], dict, list | None]:
+    """One msmo.py step's batches: the next CE batch of `pool` (with its critic `sides`) and, when
+    `with_pairs`, the next aligned pairs in it; with fresh critic streams (--critic-data fresh), `n_fresh`
+    new (source, target) critic batches, else None. Returns (the CE indices, the batch, the critic batches)."""
+    idx = samplers["ce"].next()
+    pairs = [data.pairs[i] for i in samplers["pairs"].next()] if with_pairs and "pairs" in samplers else []
+    batch = tagging_batch([pool[i] for i in idx], data.pad_id, device, [sides[i] for i in idx], pairs)
+    if not n_fresh or "critic_src" not in samplers:
+        return idx, batch, None
+    src, tgt = data.critic_pools
+    return idx, batch, [(tagging_batch([src[i] for i in samplers["critic_src"].next()], data.pad_id, device),
+                         tagging_batch([tgt[i] for i in samplers["critic_tgt"].next()], data.pad_id, device))
+                        for _ in range(n_fresh)]
 
 
 def check_acs_sizes(args: Any, data: AcsData) -> None:
@@ -1186,15 +1308,24 @@ def load_wiki1m(data_dir: str | Path | None = None, source: str = "auto", limit:
 UNLABELLED_SENTENCES = ("wiki1m", "senteval")
 
 
+def sentence_key(s: str) -> str:
+    """A sentence compared without case and whitespace differences (load_unlabelled_sentences' `exclude`)."""
+    return " ".join(s.lower().split())
+
+
 def load_unlabelled_sentences(name: str, data_dir: str | Path | None = None, source: str = "auto",
-                              limit: int | None = None, subset_seed: int = 0) -> tuple[list[str], dict]:
+                              limit: int | None = None, subset_seed: int = 0,
+                              exclude: set[str] | Callable[[], set[str]] | None = None) -> tuple[list[str], dict]:
     """Unlabelled English sentences for SimCSE-style training, and the record of what they are (a
     run saves it in data_subsets.json: the subset's indices into the full list, or None).
 
     name: ``wiki1m`` (SimCSE's, :func:`load_wiki1m`) or ``senteval``, offline: SentEval MR, CR,
     SUBJ, MPQA and both sides of the STS-B train pairs (scores dropped), exact duplicates removed
-    (first occurrence kept), 39,017 sentences. limit: a fixed random subset of this many, in the
-    order of the full list, drawn with `subset_seed` only (so runs of different seeds share it).
+    (first occurrence kept), 39,017 sentences. exclude: sentences (e.g. of the evaluation sets), or
+    a function that loads them once the list is read, dropped from the list, compared by
+    :func:`sentence_key`; the record says how many ("n_excluded"). limit: a fixed random subset of
+    this many, in the order of the (remaining) list, drawn with `subset_seed` only (so runs of
+    different seeds share it).
     """
     import numpy as np
 
@@ -1207,12 +1338,20 @@ def load_unlabelled_sentences(name: str, data_dir: str | Path | None = None, sou
         sentences = list(dict.fromkeys(s.strip() for s in sentences if s.strip()))
     else:
         raise UsageError(f"--train-data {name}: allowed are {', '.join(UNLABELLED_SENTENCES)}")
+    dropped = {}
+    if exclude is not None:
+        keys = {sentence_key(x) for x in (exclude() if callable(exclude) else exclude)}
+        n_before = len(sentences)
+        sentences = [x for x in sentences if sentence_key(x) not in keys]
+        dropped = {"n_before_exclusion": n_before, "n_excluded": n_before - len(sentences)}
     if not limit:
-        return sentences, {"data": name, "n_all": len(sentences), "subset_seed": None, "indices": None}
+        return sentences, {"data": name, "n_all": len(sentences), **dropped, "subset_seed": None, "indices": None}
     if limit > len(sentences):
-        raise UsageError(f"--limit-train {limit}: {name} has only {len(sentences)} sentences")
+        raise UsageError(f"--limit-train {limit}: {name} has only {len(sentences)} sentences" + (
+            f" ({dropped['n_before_exclusion']} before its {dropped['n_excluded']} evaluation sentences were dropped)"
+            if dropped else ""))
     keep = np.sort(np.random.default_rng(subset_seed).permutation(len(sentences))[:limit])
-    record = {"data": name, "n_all": len(sentences), "subset_seed": subset_seed, "indices": keep.tolist()}
+    record = {"data": name, "n_all": len(sentences), **dropped, "subset_seed": subset_seed, "indices": keep.tolist()}
     return [sentences[i] for i in keep], record
 
 
@@ -1412,6 +1551,12 @@ def load_xnli_transfer(args: Any, langs: list[str], record: dict | None = None) 
     record = {} if record is None else record
     source = load_pairs(args.source_task, args.source_splits, *where, args.limit_train, args.seed, record, "source",
                         labels="labelled", what=" (labelled pairs)")
+    if getattr(args, "source_add", "none") == "sick":  # conlst.py --source-add sick: every SICK pair
+        extra = read_sick_nli(args.data_dir or None)
+        if record is not None:
+            record["source_add"] = {"data": "SICK (SICK.txt, every split, 3-way entailment_label)",
+                                    "n_all": len(extra), "indices": None}
+        source = source + extra
     targets = {lang: TargetData(lang, [(e.text_a, e.text_b) for e in _pool_rows(args, lang, record)],
                                 load_pairs(f"xnli-{lang}", args.eval_split, *where, args.limit_eval, 12345, record,
                                            f"eval_{lang}", labels="required"))
@@ -1429,6 +1574,27 @@ def load_xnli_transfer(args: Any, langs: list[str], record: dict | None = None) 
     select = load_pairs(f"xnli-{args.select_lang}", args.select_split, *where, args.limit_eval, 12345, record, "select",
                         labels="required", what=what, exclude=exclude)
     return XnliData(source, select, targets)
+
+
+def check_transfer_args(args: Any, langs: list[str]) -> None:
+    """conlst.py's data flags (one line naming the flag): XNLI languages, listed once; a selection
+    language that is a target evaluated on the same split refused (zero-shot: no target labels in
+    model selection); the pool is not the evaluation split; SNLI's splits."""
+    for lang in langs + [args.select_lang]:
+        if lang not in XNLI_LANGS:
+            flag = "--select-lang" if lang == args.select_lang and lang not in langs else \
+                "--lang" if args.lang else "--langs"
+            raise UsageError(f"{flag} {lang}: allowed are {', '.join(XNLI_LANGS)} (or 'all' for --langs)")
+    if args.select_lang in langs and args.select_split == args.eval_split:  # (the paper: en dev selects, en test)
+        raise UsageError(f"--select-lang {args.select_lang}: is a target language evaluated on the same split "
+                         f"({args.eval_split}); select on another language or --select-split")
+    if len(set(langs)) != len(langs):
+        raise UsageError(f"--langs {' '.join(langs)}: a language is listed twice")
+    if args.pool_split == args.eval_split:
+        raise UsageError(f"--pool-split {args.pool_split}: equals --eval-split; the unlabeled pool must not be "
+                         "the evaluation set")
+    if args.source_task == "snli" and not set(args.source_splits) <= {"dev", "test", "train"}:
+        raise UsageError(f"--source-splits {' '.join(args.source_splits)}: snli has train, dev, test")
 
 
 def load_pool_gold_labels_for_analysis_only(args: Any, lang: str):

@@ -121,6 +121,21 @@ class EvalSet:
     groups: np.ndarray | None = None
 
 
+def check_train_tasks(args: Any, choices: tuple[str, ...]) -> None:
+    """UsageError (one line, naming the flag) when a --train-tasks entry is unknown or has other labels than
+    --task, or when --train-split is not a split of every training task (scal.py's validate)."""
+    for t in args.train_tasks:
+        if t not in text_data.TASKS:
+            raise UsageError(f"--train-tasks {t}: allowed are {', '.join(choices)}")
+        if text_data.label_names(t) != text_data.label_names(args.task):
+            raise UsageError(f"--train-tasks {t}: its labels {text_data.label_names(t)} differ from --task "
+                             f"{args.task}'s {text_data.label_names(args.task)}")
+    for t in args.train_tasks or [args.task]:
+        if args.train_split not in text_data.task_splits(t):
+            raise UsageError(f"--train-split {args.train_split}: {t} has the splits "
+                             f"{', '.join(text_data.task_splits(t))}")
+
+
 def local_copy_present(task: str, split: str, data_dir: Path) -> bool:
     files = text_data.LOCAL_FILES.get(task, {}).get(split, ())
     return bool(files) and all((data_dir / f).exists() for f in files)
@@ -169,6 +184,22 @@ def epoch_order(lengths: list[int], batch_size: int, seed: int, epoch: int) -> l
     return text_data.length_grouped_order(lengths, batch_size, torch.Generator().manual_seed(seed * 100_003 + epoch))
 
 
+#: Seed offset of the --val-from-train draw (plus --subset-seed): fixed, and not the training subset's seed.
+VAL_SEED = 7_919
+
+
+def val_from_train_indices(n_all: int, n_val: int | None, subset_seed: int):
+    """(held-out indices, the other indices), both sorted numpy arrays, for a validation split of `n_val` rows
+    held out from a training split of `n_all` (scal.py --val-from-train); (None, all indices) when n_val is
+    None or 0. Drawn with the fixed seed VAL_SEED + subset_seed, so every --seed holds out the same rows."""
+    if not n_val:
+        return None, np.arange(n_all)
+    if n_val >= n_all:
+        raise UsageError(f"--val-from-train {n_val}: the training split has only {n_all} examples")
+    perm = np.random.default_rng(VAL_SEED + subset_seed).permutation(n_all)
+    return np.sort(perm[:n_val]), np.sort(perm[n_val:])
+
+
 def load_task(args: Any, data_dir: Path, record: dict | None = None):
     """Training examples, evaluation splits and test splits as lists of text_data.Example, from
     `args`' task, train_tasks, train_split, source, limit_train, subset_seed and limit_eval.
@@ -181,40 +212,69 @@ def load_task(args: Any, data_dir: Path, record: dict | None = None):
         train += text_data.load_text_task(t, args.train_split, data_dir, args.source)
     train = [e for e in train if not (isinstance(e.label, int) and e.label < 0)]
     n_all = len(train)
+    held, rest = val_from_train_indices(n_all, getattr(args, "val_from_train", None), args.subset_seed)
+    val = [train[i] for i in held] if held is not None else None
     keep = None
     if args.limit_train:
-        if args.limit_train > n_all:
+        if args.limit_train > len(rest):
             raise UsageError(f"--limit-train {args.limit_train}: {args.task} {args.train_split} has only "
-                             f"{n_all} examples")
-        keep = np.sort(np.random.default_rng(args.subset_seed).permutation(n_all)[: args.limit_train])
+                             f"{len(rest)} examples" + (" left after --val-from-train" if val else ""))
+        # drawn among the rows not held out (all of them without --val-from-train: the same subset as before)
+        keep = rest[np.sort(np.random.default_rng(args.subset_seed).permutation(len(rest))[: args.limit_train])]
+    elif val is not None:
+        keep = rest
+    if keep is not None:
         train = [train[i] for i in keep]
     eval_spec, test_splits = evaluation_splits(args.task, args.source, data_dir)
     evals = []
     for name, suffix, splits in eval_spec:
         parts = [text_data.load_text_task(args.task, s, data_dir, args.source) for s in splits]
         evals.append((name, suffix, parts))
+    if val is not None:  # the held-out split of train, for model selection and early stopping (scal.py)
+        eval_spec = [*eval_spec, ("val", "_val", ["val_from_train"])]
+        evals.append(("val", "_val", [val]))
     tests = [text_data.load_text_task(args.task, s, data_dir, args.source) for s in test_splits]
     if record is not None:
         def used(splits, parts):  # evaluation: the first --limit-eval examples of each split
-            return {s: {"n_all": len(p), "first": min(len(p), args.limit_eval or len(p))}
+            return {s: {"n_all": len(p), "first": len(p) if s == "val_from_train" else min(len(p), args.limit_eval
+                                                                                        or len(p))}
                     for s, p in zip(splits, parts)}
 
         record["train"] = {"tasks": args.train_tasks or [args.task], "split": args.train_split, "source": args.source,
-                           "n_all": n_all, "subset_seed": args.subset_seed if keep is not None else None,
+                           "n_all": n_all, "subset_seed": args.subset_seed if args.limit_train else None,
                            "indices": keep.tolist() if keep is not None else None}
+        if val is not None:
+            record["val_from_train"] = {"n": len(held), "seed": VAL_SEED + args.subset_seed,
+                                        "indices": held.tolist()}
         record["eval"] = {name: used(splits, parts) for (name, _, splits), (_, _, parts) in zip(eval_spec, evals)}
         record["test"] = used(test_splits, tests)
     return train, evals, ([("test", "", tests)] if tests else [])
 
 
+def load_encoded_task(args: Any, data_dir: Path, load_model: Callable):
+    """(encoder, tokenizer, tokenized training examples, evaluation sets, test sets, what defines the data
+    for data_subsets.json) of scal.py's `args`; `load_model(args, training texts)` gives (encoder, tokenizer).
+    Writes nothing: a missing data set is a one-line MissingError here."""
+    record: dict = {}
+    train_ex, eval_specs, test_specs = load_task(args, data_dir, record)
+    if args.batch_size > len(train_ex):
+        raise UsageError(f"--batch-size {args.batch_size}: larger than the {len(train_ex)} training examples")
+    encoder, tokenizer = load_model(args, [t for e in train_ex for t in (e.text_a, e.text_b) if t])
+    train_enc = encode_examples(tokenizer, train_ex, args.max_length)
+    eval_sets = make_eval_sets(eval_specs, tokenizer, args.task, args.max_length, args.limit_eval)
+    test_sets = make_eval_sets(test_specs, tokenizer, args.task, args.max_length, args.limit_eval)
+    return encoder, tokenizer, train_enc, eval_sets, test_sets, record
+
+
 def make_eval_sets(specs: list, tokenizer, task: str, max_length: int, limit_eval: int | None) -> list[EvalSet]:
-    """Tokenize each evaluation split (its first `limit_eval` examples); a split made of several
-    parts (ANLI rounds) keeps the part of each example as its group, for per-round metrics (acc_r1 ...)."""
+    """Tokenize each evaluation split (its first `limit_eval` examples; the held-out "val" split of train
+    whole, its size is --val-from-train's); a split made of several parts (ANLI rounds) keeps the part of
+    each example as its group, for per-round metrics (acc_r1 ...)."""
     out = []
     for name, suffix, parts in specs:
         examples, groups = [], []
         for g, part in enumerate(parts):
-            part = part[:limit_eval] if limit_eval else part
+            part = part[:limit_eval] if limit_eval and name != "val" else part
             examples += part
             groups += [g + 1] * len(part)
         if any(isinstance(e.label, int) and e.label < 0 for e in examples):

@@ -367,3 +367,152 @@ def test_bad_argument_exits_2_with_one_line_and_writes_nothing(tmp_path):
     assert r.returncode == 2 and "--epsilon" in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "runs").exists()
+
+
+# ------------------------------------------------------------------------------------------
+# Issue 22: full training sets, a validation split held out from train, selection on it
+# ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("task,n_all", [("rte", 2490), ("mrpc", 4076), ("cola", 8551), ("trec", 5452),
+                                        ("sst2", 67349)])
+def test_full_offline_training_sets_without_limit_train(shared_data, task, n_all):
+    train, _, _ = tasks.load_task(parse_args(scal.Args, ["--task", task, "--source", "local"]), shared_data)
+    assert len(train) == n_all
+
+
+def test_val_from_train_is_held_out_disjoint_fixed_and_recorded(shared_data):
+    argv = ["--task", "rte", "--source", "local", "--val-from-train", "300"]
+    record: dict = {}
+    train, evals, _ = tasks.load_task(parse_args(scal.Args, argv), shared_data, record)
+    full = text_data.load_text_task("rte", "train", shared_data, "local")
+    held, kept = record["val_from_train"]["indices"], record["train"]["indices"]
+    assert len(held) == 300 and len(kept) == len(train) == 2490 - 300 and not set(held) & set(kept)
+    assert sorted(held + kept) == list(range(2490))
+    (name, suffix, (val,)) = evals[-1]
+    assert name == "val" and suffix == "_val" and val == [full[i] for i in held] and train == [full[i] for i in kept]
+    assert evals[0][0] == "dev"  # the evaluation set stays, reported beside
+    # the same rows for every --seed (a fixed seed); --limit-train draws its subset among the others only
+    other: dict = {}
+    sub, evals2, _ = tasks.load_task(parse_args(scal.Args, [*argv, "--seed", "4", "--limit-train", "500"]),
+                                     shared_data, other)
+    assert other["val_from_train"]["indices"] == held and evals2[-1][2][0] == val
+    assert len(sub) == 500 and not set(other["train"]["indices"]) & set(held)
+    # without the flag the --limit-train subset is the one it always was
+    plain = tasks.load_task(parse_args(scal.Args, ["--task", "rte", "--source", "local", "--limit-train", "500"]),
+                            shared_data)[0]
+    assert plain == [full[i] for i in np.sort(np.random.default_rng(0).permutation(2490)[:500])]
+    # --limit-eval cuts the evaluation set, never the held-out split
+    sets = tasks.make_eval_sets(evals, tiny_tokenizer(full), "rte", 32, 50)
+    assert [len(s.gold) for s in sets] == [50, 300]
+
+
+def tiny_tokenizer(examples):
+    args = parse_args(scal.Args, ["--model", "tiny", "--max-length", "32"])
+    return scal.load_model(args, [t for e in examples[:200] for t in (e.text_a, e.text_b)])[1]
+
+
+def test_val_from_train_misuse_is_a_usage_error(shared_data):
+    with pytest.raises(UsageError, match="--val-from-train"):
+        scal.validate(parse_args(scal.Args, ["--val-from-train", "0"]))
+    with pytest.raises(UsageError, match="--val-from-train 2490"):
+        tasks.load_task(parse_args(scal.Args, ["--task", "rte", "--source", "local", "--val-from-train", "2490"]),
+                        shared_data)
+    with pytest.raises(UsageError, match="--limit-train 2400.*left after --val-from-train"):
+        tasks.load_task(parse_args(scal.Args, ["--task", "rte", "--source", "local", "--val-from-train", "100",
+                                               "--limit-train", "2400"]), shared_data)
+
+
+def test_the_checkpoint_and_early_stop_are_chosen_on_the_held_out_split(tmp_path, shared_data, monkeypatch):
+    """Scripted evaluations: the evaluation set keeps improving, the held-out split peaks at the first
+    evaluation. With --patience 2 the run stops two evaluations later; selected is the first
+    evaluation (its test-set metric reported), best the oracle on the evaluation set."""
+    acc = iter([50.0, 60.0, 70.0, 80.0, 90.0])
+    acc_val = iter([70.0, 60.0, 65.0, 40.0, 30.0])
+
+    def scripted(model, sets, args, *rest):
+        assert [s.name for s in sets] == ["test", "val"]
+        a = next(acc)
+        return {"acc": a, "err": 100 - a, "acc_val": next(acc_val)}
+
+    monkeypatch.setattr(scal, "evaluate", scripted)
+    s = scal.main(_args(tmp_path, *RUN, "--val-from-train", "64", "--eval-every", "2", "--patience", "2",
+                        "--exp-name", "v"))
+    assert s["stopped_early"] and s["evaluations"] == 3 and s["steps"] == 6
+    assert s["selected_by"] == "acc_val" and s["selected"]["step"] == 2 and s["selected"]["err"] == 50.0
+    assert s["best"]["step"] == 6 and s["best"]["err"] == 30.0 and s["final"]["step"] == 6 and s["n_val"] == 64
+    data = json.loads((tmp_path / "v" / "data_subsets.json").read_text())
+    assert data["val_from_train"]["n"] == 64 and len(data["train"]["indices"]) == 256
+
+
+def test_without_val_selection_is_on_the_evaluation_set_as_before(full_run):
+    _, s = full_run
+    assert s["selected_by"] == "acc" and s["selected"] == s["best"] and s["n_val"] == 0
+
+
+# ------------------------------------------------------------------------------------------
+# Issue 22: gradient-norm ratios of the loss terms
+# ------------------------------------------------------------------------------------------
+def test_grad_ratio_of_a_term_twice_another_is_two():
+    from common.diagnostics import loss_term_grad_norm, loss_term_grad_ratios, mean_grad_ratios
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Tanh(), torch.nn.Linear(4, 3))
+    x = torch.randn(8, 5)
+    base = net(x).pow(2).mean()
+    other = net(x).sum()
+    params = list(net.parameters())
+    r = loss_term_grad_ratios({"ce": base, "double": 2 * base, "half": 0.5 * base, "other": other,
+                               "const": torch.tensor(3.0)}, "ce", params)
+    assert r["double"] == pytest.approx(2.0, rel=1e-6) and r["half"] == pytest.approx(0.5, rel=1e-6)
+    assert r["const"] == 0.0
+    # the norm is over all parameters together, against .backward() into .grad
+    other.backward(retain_graph=True)
+    direct = torch.sqrt(sum((p.grad ** 2).sum() for p in params))
+    net.zero_grad()
+    base.backward(retain_graph=True)
+    ref = torch.sqrt(sum((p.grad ** 2).sum() for p in params))
+    assert r["other"] == pytest.approx((direct / ref).item(), rel=1e-5)
+    assert loss_term_grad_norm(base, params) == pytest.approx(ref.item(), rel=1e-6)
+    assert loss_term_grad_ratios({"ce": 0 * base, "x": base}, "ce", params) == {"x": None}
+    assert mean_grad_ratios([{"step": 1, "a": 1.0, "b": None}, {"step": 5, "a": 3.0, "b": 2.0}]) == \
+        {"gradratio_a": 2.0, "gradratio_b": 2.0}
+
+
+def test_scal_grad_ratios_are_the_weighted_terms_of_eq8(tiny_setup):
+    """The recorded ratio of L_ct is ||grad alpha * L_ct|| / ||grad 0.5 * CE|| on every parameter, and
+    taking it changes no .grad (the step's own backward pass comes after)."""
+    model, batch, args = tiny_setup
+    args = parse_args(scal.Args, ["--task", "trec", "--model", "tiny", "--alpha", "0.3", "--grad-ratio-every", "2"])
+    ratios: list = []
+    model.zero_grad(set_to_none=True)  # (an earlier test may have left gradients)
+    torch.manual_seed(1)
+    _, terms = scal.scal_step(model, batch, args)
+    assert scal.record_grad_ratios(ratios, 1, terms, model, args) == 0.0 and ratios == []  # not due at step 1
+    scal.record_grad_ratios(ratios, 2, terms, model, args)
+    assert all(p.grad is None for p in model.parameters())
+    params = list(model.parameters())
+
+    def norm(t):
+        model.zero_grad(set_to_none=True)
+        t.backward(retain_graph=True)
+        return torch.sqrt(sum((p.grad.float() ** 2).sum() for p in params if p.grad is not None)).item()
+
+    ce = norm(0.5 * terms["ce"])
+    assert ratios[0]["step"] == 3 and set(ratios[0]) == {"step", "ce_adv", "l_ct"}
+    assert ratios[0]["l_ct"] == pytest.approx(norm(0.3 * terms["l_ct"]) / ce, rel=1e-4)
+    assert ratios[0]["ce_adv"] == pytest.approx(norm(0.5 * terms["ce_adv"]) / ce, rel=1e-4)
+    model.zero_grad(set_to_none=True)
+    ft = parse_args(scal.Args, ["--method", "ft", "--grad-ratio-every", "1"])
+    assert scal.record_grad_ratios(ratios, 0, {"ce": terms["ce"]}, model, ft) == 0.0 and len(ratios) == 1
+
+
+def test_grad_ratios_are_logged_and_change_nothing_else(tmp_path, shared_data):
+    a = scal.main(_args(tmp_path, *RUN, "--max-steps", "4", "--eval-every", "2", "--grad-ratio-every", "1",
+                        "--exp-name", "r1"))
+    b = scal.main(_args(tmp_path, *RUN, "--max-steps", "4", "--eval-every", "2", "--grad-ratio-every", "0",
+                        "--exp-name", "r0"))
+    ra, rb = _records(tmp_path / "r1"), _records(tmp_path / "r0")
+    assert [{k: v for k, v in r.items() if not k.startswith("gradratio_")} for r in ra] == rb
+    assert {"gradratio_l_ct", "gradratio_ce_adv"} <= set(ra[0]) and not any("gradratio_l_ct" in r for r in rb)
+    assert a["grad_ratios"]["samples"] == 4 and b["grad_ratios"] == {"every": 0, "samples": 0}
+    assert a["grad_ratios"]["gradratio_l_ct"] == pytest.approx((ra[0]["gradratio_l_ct"] + ra[1]["gradratio_l_ct"]) / 2)
+    assert a["final"] == b["final"]

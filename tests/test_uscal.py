@@ -242,3 +242,133 @@ def test_bad_argument_exits_2_with_one_line_and_writes_nothing(tmp_path):
     assert r.returncode == 2 and "--alpha" in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "runs").exists()
+
+
+# ------------------------------------------------------------------------------------------
+# Issue 22: no evaluation sentence in the training pool
+# ------------------------------------------------------------------------------------------
+def test_no_evaluation_sentence_remains_in_the_training_pool(shared_data):
+    args = parse_args(uscal.Args, ["--train-data", "senteval", "--source", "local"])
+    pool, _, _, record = uscal.load_data(args, shared_data)
+    evals = [text_data.load_sts_sets(("stsb",), "dev", shared_data, "local"),
+             text_data.load_sts_sets(uscal.TEST_SETS, "test", shared_data, "local")]
+    eval_sents = {t for d in evals for subs in d.values() for exs in subs.values() for e in exs
+                  for t in (e.text_a, e.text_b)}
+    assert len(eval_sents) > 20_000
+    assert not set(pool) & eval_sents  # exactly
+    assert not {text_data.sentence_key(s) for s in pool} & {text_data.sentence_key(s) for s in eval_sents}  # nor so
+    # ... and only those went: the old pool minus the evaluation sentences
+    old, old_record = uscal.load_data(parse_args(uscal.Args, ["--train-data", "senteval", "--source", "local",
+                                                              "--keep-eval-sentences"]), shared_data)[::3]
+    assert len(old) == 39_017 and old_record["train"].get("n_excluded") is None
+    assert record["train"]["n_excluded"] == len(old) - len(pool) > 5_000 and record["train"]["n_all"] == len(pool)
+    eval_keys = {text_data.sentence_key(x) for x in eval_sents}
+    assert pool == [s for s in old if text_data.sentence_key(s) not in eval_keys]
+    # the reviewed overlap: STS-B train sentences that are STS12-16 test sentences were in the old pool
+    sts12 = {t for exs in evals[1]["sts12"].values() for e in exs for t in (e.text_a, e.text_b)}
+    assert set(old) & sts12 and not set(pool) & sts12
+    # --limit-eval does not change the pool (the whole sets are excluded); the cpu subset comes from the new pool
+    cpu = parse_args(uscal.Args, ["--preset", "cpu", "--limit-eval", "10"], presets=uscal.PRESETS)
+    sub, _, _, rec = uscal.load_data(cpu, shared_data)
+    assert len(sub) == 6400 and set(sub) <= set(pool) and rec["train"]["n_all"] == len(pool)
+
+
+# ------------------------------------------------------------------------------------------
+# Issue 22: the --epsilon 0 control, --train-pooling avg, --patience, the native-pooling reference
+# ------------------------------------------------------------------------------------------
+def test_epsilon_zero_is_a_third_dropout_view_with_the_same_passes(tiny):
+    model, batch, args = tiny
+    model.train()
+    args = parse_args(uscal.Args, ["--model", "tiny", "--epsilon", "0", "--alpha", "0.7"])
+    inputs = []
+    hook = model.register_forward_pre_hook(lambda mod, a: inputs.append(a[0].detach().clone()))
+    try:
+        torch.manual_seed(5)
+        loss, terms = uscal.uscal_step(model, batch, args)
+    finally:
+        hook.remove()
+    assert len(inputs) == 3  # the same three passes as USCAL
+    assert torch.equal(inputs[2], inputs[0])  # the third view's input: pass 1's embeddings, perturbation zero
+    # written out: three dropout passes of the same sentences, L_ct(z1, z2) + alpha * L_ct(z1, z3)
+    torch.manual_seed(5)
+    z1, z2, z3 = (model(model.embed(batch["input_ids"]), batch) for _ in range(3))
+    assert terms["l_ct"].item() == pytest.approx(uscal.infonce_eq4(z1, z2, args.tau).item(), rel=1e-6)
+    assert terms["l_adv"].item() == pytest.approx(uscal.infonce_eq4(z1, z3, args.tau).item(), rel=1e-6)
+    assert loss.item() == pytest.approx((terms["l_ct"] + 0.7 * terms["l_adv"]).item(), rel=1e-6)
+    # and a positive epsilon does move the third view's input
+    inputs.clear()
+    hook = model.register_forward_pre_hook(lambda mod, a: inputs.append(a[0].detach().clone()))
+    try:
+        uscal.uscal_step(model, batch, parse_args(uscal.Args, ["--model", "tiny", "--epsilon", "0.3"]))
+    finally:
+        hook.remove()
+    assert len(inputs) == 3 and not torch.equal(inputs[2], inputs[0])
+    model.zero_grad()
+
+
+def test_train_pooling_avg_is_the_mean_over_tokens_without_mlp(tiny):
+    model, batch, args = tiny
+    avg = uscal.SimCSEModel(model.encoder, "avg").eval()
+    z = avg(avg.embed(batch["input_ids"]), batch)
+    h = model.encoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                      token_type_ids=batch["token_type_ids"]).last_hidden_state
+    m = batch["attention_mask"].unsqueeze(-1).float()
+    assert torch.allclose(z, (h * m).sum(1) / m.sum(1), atol=1e-5)
+    avg.train()
+    loss, _ = uscal.uscal_step(avg, batch, args)
+    loss.backward()
+    assert avg.mlp[0].weight.grad is None and avg.encoder.get_input_embeddings().weight.grad is not None
+    avg.zero_grad()
+    assert "trainavg" in uscal.setting_name(parse_args(uscal.Args, ["--train-pooling", "avg"]))
+
+
+def test_patience_stops_on_stsb_dev_and_the_best_dev_model_is_tested(tmp_path, shared_data, monkeypatch):
+    dev = iter([50.0, 60.0, 55.0, 58.0, 70.0, 80.0])
+    real = uscal.evaluate_sts
+
+    def scripted(encoder, mlp, tok, sets, args, *rest):
+        if list(sets) == ["stsb"]:  # STS-B dev
+            return {"stsb": next(dev)}
+        return real(encoder, mlp, tok, sets, args, *rest)
+
+    monkeypatch.setattr(uscal, "evaluate_sts", scripted)
+    s = uscal.main(_args(tmp_path, "--eval-every", "2", "--patience", "2", "--exp-name", "p"))
+    assert s["stopped_early"] and s["steps"] == 8 and s["evaluations"] == 4  # dev 50 60 55 58: two after the best
+    assert s["best"]["step"] == 4 and s["best"]["stsb_dev"] == 60.0 and s["final"]["step"] == 8
+    assert "not a test set" in s["selected_on"] and s["n_excluded_eval_sentences"] > 0
+    best = torch.load(tmp_path / "p" / "best_model.pt", weights_only=True)
+    ckpt = torch.load(tmp_path / "p" / "checkpoint.pt", weights_only=False)
+    assert ckpt["stopped_early"] and ckpt["step"] == 8
+    assert any(not torch.equal(v, ckpt["model"][k]) for k, v in best.items())  # step 4's weights, not step 8's
+
+
+def test_native_pooling_reference_row(tmp_path, shared_data, tiny):
+    p = parse_args(uscal.Args, ["--preset", "cpu-native"], presets=uscal.PRESETS)
+    assert p.eval_only and p.eval_pooling == "avg" and p.model == "minilm-l6"
+    model, _, args = tiny
+    args = parse_args(uscal.Args, ["--model", "tiny", "--eval-pooling", "avg", "--limit-eval", "30"])
+    sets = text_data.load_sts_sets(("stsb", "sickr"), "test", shared_data, "local", 30)
+    tok = uscal.load_model(args, text_data.load_senteval_sentences(("MR",), shared_data)[:300])[1]
+    got = uscal.evaluate_sts(model.encoder, model.mlp, tok, sets, args, torch.device("cpu"), None)
+
+    def mean_pooled(sentences):
+        b = tokenize_batch(tok, sentences, 128, torch.device("cpu"))
+        with torch.no_grad():
+            h = model.encoder(**b).last_hidden_state
+        m = b["attention_mask"].unsqueeze(-1).float()
+        return (h * m).sum(1) / m.sum(1)
+
+    from common.text_tasks import sts_spearman
+    want = sts_spearman(sets, mean_pooled)
+    assert got["stsb"] == pytest.approx(want["stsb"], abs=1e-6)
+    assert got["sickr"] == pytest.approx(want["sickr"], abs=1e-6)
+    u = uscal.main(_args(tmp_path, "--eval-only", "--eval-pooling", "avg", "--exp-name", "native"))
+    assert u["method"] == "untrained" and u["setting"].endswith("_avg") and set(uscal.TEST_SETS) <= set(u["best"])
+
+
+def test_new_flags_misuse_is_a_usage_error():
+    for argv, flag in [(["--patience", "-1"], "--patience"), (["--train-pooling", "max"], "--train-pooling"),
+                       (["--epsilon", "-0.1"], "--epsilon")]:
+        with pytest.raises(UsageError, match=flag):
+            uscal.validate(parse_args(uscal.Args, argv))
+    uscal.validate(parse_args(uscal.Args, ["--epsilon", "0"]))  # the control is allowed
