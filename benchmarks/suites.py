@@ -186,19 +186,22 @@ LACOL_MEM_CLAIMS = [
 
 # lacol.py's best epoch is chosen on the test set (an oracle): every claim reads the last epoch.
 # The ablations ran on seed 0 only, so matched seeds leave one seed per ablation claim.
-LACOL_ABLATION = "LaCoL: the full method above each ablation (Table 4)"
+LACOL_CPU_TAG = "LaCoL (cpu, CE does not memorise)"
+LACOL_ABLATION = f"{LACOL_CPU_TAG}: the full method above each ablation (Table 4)"
 LACOL_CPU_CLAIMS = [
-    Claim("LaCoL: sym40, LaCoL above CE", "lacol_fmnist_sym40_lacol", "lacol_fmnist_sym40_ce"),
-    Claim("LaCoL: asym40, LaCoL above CE", "lacol_fmnist_asym40_lacol", "lacol_fmnist_asym40_ce"),
-    Claim("LaCoL: clean-label CE above CE at sym40 (the noise hurts CE; a precondition)", "lacol_fmnist_clean_ce",
-          "lacol_fmnist_sym40_ce"),
-    Claim("LaCoL: full LaCoL above w/o L_MS (Table 4)", "lacol_fmnist_sym40_lacol", "lacol_fmnist_sym40_wo_ms",
+    Claim(f"{LACOL_CPU_TAG}: sym40, LaCoL above CE", "lacol_fmnist_sym40_lacol", "lacol_fmnist_sym40_ce"),
+    Claim(f"{LACOL_CPU_TAG}: asym40, LaCoL above CE", "lacol_fmnist_asym40_lacol", "lacol_fmnist_asym40_ce"),
+    Claim(f"{LACOL_CPU_TAG}: clean-label CE above CE at sym40 (the noise hurts CE; a precondition)",
+          "lacol_fmnist_clean_ce", "lacol_fmnist_sym40_ce"),
+    Claim(f"{LACOL_CPU_TAG}: full LaCoL above w/o L_MS (Table 4)", "lacol_fmnist_sym40_lacol",
+          "lacol_fmnist_sym40_wo_ms",
           family=LACOL_ABLATION),
-    Claim("LaCoL: full LaCoL above w/o L_SC (Table 4)", "lacol_fmnist_sym40_lacol", "lacol_fmnist_sym40_wo_sc",
+    Claim(f"{LACOL_CPU_TAG}: full LaCoL above w/o L_SC (Table 4)", "lacol_fmnist_sym40_lacol",
+          "lacol_fmnist_sym40_wo_sc",
           family=LACOL_ABLATION),
-    Claim("LaCoL: full LaCoL above w/o diversity (Table 4)", "lacol_fmnist_sym40_lacol",
+    Claim(f"{LACOL_CPU_TAG}: full LaCoL above w/o diversity (Table 4)", "lacol_fmnist_sym40_lacol",
           "lacol_fmnist_sym40_wo_diversity", family=LACOL_ABLATION),
-    Claim("LaCoL: w/o diversity above w/o L_MS (Table 4 ordering)", "lacol_fmnist_sym40_wo_diversity",
+    Claim(f"{LACOL_CPU_TAG}: w/o diversity above w/o L_MS (Table 4 ordering)", "lacol_fmnist_sym40_wo_diversity",
           "lacol_fmnist_sym40_wo_ms"),
 ]
 
