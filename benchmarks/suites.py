@@ -32,6 +32,21 @@ class View:
 
 
 @dataclass(frozen=True)
+class Check:
+    """One number the regression check (benchmarks/check.py) compares for a run. `path`: dotted in
+    summary.json ("final.acc"), or "log.<key>": <key> of the last metrics.jsonl record that has it (a
+    training loss term, a selection statistic). direction: "higher" or "lower" (only a fall, or a rise,
+    beyond the tolerance fails: a quality metric) or "both" (any move fails: a diagnostic of the method,
+    such as a loss term's value, where a bug can move either way). floor: the least tolerance, in the
+    number's own units (the tolerance is max(3 x baseline seed std, floor))."""
+
+    name: str
+    path: str
+    direction: str = "higher"
+    floor: float = 2.0
+
+
+@dataclass(frozen=True)
 class Run:
     id: str  # unique within a suite; the run directory is <id>__seed<S>
     script: str  # "lacol.py", ... or "-m benchmarks.speed"
@@ -47,6 +62,8 @@ class Run:
     # False: in a regression check, a crash-only row: its metric sits at chance at this scale, so
     # the check asks only that the run finished with a finite metric (see benchmarks/check.py)
     compare: bool = True
+    # what the regression check compares (default: final.<metric>, in the metric's direction)
+    checks: tuple[Check, ...] = ()
 
 
 @dataclass(frozen=True)

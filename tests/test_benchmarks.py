@@ -146,6 +146,43 @@ def test_check_passes_on_its_own_baseline_and_fails_on_a_regression(toy_suite, t
     assert check.main(["--suite", "toy", "--runs", str(tmp_path / "missing"), "--baseline", str(base_file)]) == 1
 
 
+def test_check_compares_each_named_number_a_diagnostic_either_way_and_names_the_run_folder(monkeypatch, tmp_path,
+                                                                                          capsys):
+    """A run's `checks`: a quality metric fails only when it gets worse; a diagnostic ("both") fails
+    when it moves either way beyond max(3 x seed std, floor); "log.<key>" reads the last metrics.jsonl
+    record with <key>. The failing line names the number, its baseline, the tolerance and the folders."""
+    C = suites.Check
+    s = Suite("toy_checks", [Run("r", "x.py", (), "G", checks=(C("acc", "final.acc"),
+                                                               C("l_ms", "log.l_ms", "both", floor=0.05)))], (0, 1))
+    monkeypatch.setitem(check.SUITES, "toy_checks", s)
+
+    def write(folder, acc, l_ms):
+        for seed, (a, lm) in enumerate(zip(acc, l_ms)):
+            d = _write_run(folder, "r", seed, [50.0, a])
+            with open(d / "metrics.jsonl", "a") as fh:
+                fh.write(json.dumps({"step": 9, "split": "train", "l_ms": lm}) + "\n")
+                fh.write(json.dumps({"step": 10, "split": "test", "acc": a}) + "\n")  # the last record lacks l_ms
+    write(tmp_path / "base", [80.0, 81.0], [1.00, 1.02])
+    base_file = tmp_path / "b.json"
+    assert check.main(["--suite", "toy_checks", "--runs", str(tmp_path / "base"), "--baseline", str(base_file),
+                       "--update"]) == 0
+    assert json.loads(base_file.read_text())["runs"]["r"]["checks"]["l_ms"]["values"] == [1.00, 1.02]
+    cases = {"same": ([80.0, 81.0], [1.00, 1.02], 0), "acc_up": ([90.0, 91.0], [1.00, 1.02], 0),
+             "acc_down": ([70.0, 71.0], [1.00, 1.02], 1), "l_ms_down": ([80.0, 81.0], [0.50, 0.52], 1),
+             "l_ms_up": ([80.0, 81.0], [1.50, 1.52], 1), "l_ms_within": ([80.0, 81.0], [1.04, 1.06], 0)}
+    for name, (acc, l_ms, rc) in cases.items():
+        write(tmp_path / name, acc, l_ms)
+        capsys.readouterr()
+        assert check.main(["--suite", "toy_checks", "--runs", str(tmp_path / name), "--baseline",
+                           str(base_file)]) == rc, name
+        out = capsys.readouterr().out
+        assert len([x for x in out.splitlines() if x.startswith("r ")]) == 2  # one line per number
+        if name == "l_ms_down":
+            line = next(x for x in out.splitlines() if "l_ms (log.l_ms)" in x)
+            assert "0.51 vs baseline 1.01: moved by 0.5 > tolerance 0.05" in line
+            assert str(tmp_path / name / "r__seed0") in line and str(tmp_path / name / "r__seed1") in line
+
+
 def test_check_crash_only_rows_need_a_finite_result_and_new_runs_need_a_baseline(monkeypatch, tmp_path, capsys):
     """A compare=False row is not compared with its baseline (it sits at chance) but must exist
     with a finite metric; a suite run missing from the baseline fails the check."""
@@ -295,7 +332,7 @@ def test_a_one_seed_row_takes_its_groups_seed_spread(tmp_path):
         "g_one": {"metric": "acc", "mean": 40.0, "std": 0.0, "values": [40.0]},
         "h_one": {"metric": "acc", "mean": 40.0, "std": 0.0, "values": [40.0]}}}
     groups = {"g_multi": "G", "g_one": "G", "h_one": "H"}
-    assert check.seed_spread(base, groups) == {"g_multi": 5.0, "g_one": 5.0, "h_one": 0.0}
+    assert check.seed_spread(base, groups) == {("g_multi", "acc"): 5.0, ("g_one", "acc"): 5.0, ("h_one", "acc"): 0.0}
 
     def fresh(g_one, h_one):
         return {"g_multi": {"mean": 50.0}, "g_one": {"mean": g_one}, "h_one": {"mean": h_one}}

@@ -32,7 +32,8 @@ def test_caught_rows_follow_the_check_and_the_matrix_counts_them():
     fresh = {"a": {"mean": 70.0, "std": 0.0, "values": [70.0, 70.0]},  # 10 below: beyond max(3 * 0.5, 2)
              "b": {"mean": 79.0, "std": 0.0, "values": [79.0, 79.0]}}  # 1 below: within
     caught = mu.caught_rows(base, fresh, ("a", "b"), set(), {"a": "g", "b": "g"})
-    assert caught["a"].startswith("a: acc 70.00 vs baseline 80.00") and caught["b"] == ""
+    assert caught["a"].startswith("a: acc (final.acc) 70 vs baseline 80: fell by 10 > tolerance 2")
+    assert caught["b"] == ""
     res = [{"id": "m1", "what": "w", "caught": caught, "any_caught": True},
            {"id": "m2", "what": "w", "caught": {"b": ""}, "any_caught": False}]
     md = mu.matrix_md(res)
