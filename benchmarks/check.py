@@ -52,10 +52,14 @@ def checks_of(run: Run) -> tuple[Check, ...]:
 
 def read(seed: dict, path: str):
     """The number at `path` for one seed of collect(): "log.<key>" is <key> of the last metrics.jsonl
-    record that has it; anything else is a dotted path in summary.json."""
+    record that has it, "logmean.<key>" the mean over every record that has it (a diagnostic logged
+    every few steps, steadier than its last value); anything else is a dotted path in summary.json."""
     if path.startswith("log."):
         key = path[4:]
         v = next((r[key] for r in reversed(seed["metrics"]) if r.get(key) is not None), None)
+    elif path.startswith("logmean."):
+        vals = [r[path[8:]] for r in seed["metrics"] if isinstance(r.get(path[8:]), (int, float))]
+        v = statistics.fmean(vals) if vals else None
     else:
         v = lookup(seed["summary"], path)
     return v if isinstance(v, (int, float)) else None

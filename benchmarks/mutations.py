@@ -4,9 +4,10 @@ to a copy of the working tree; the smoke rows it should break run on that copy, 
 `benchmarks.check` compares them with benchmarks/baselines/smoke.json as CI would.
 
     python -m benchmarks.mutations --list                       # the mutations and their rows
-    python -m benchmarks.mutations --only lacol --out benchmarks/results/mutations
+    python -m benchmarks.mutations --only lacol_ --out benchmarks/results/mutations/lacol
+    python -m benchmarks.mutations --combine m/lacol m/scal --out m     # merge matrices (m: the results folder)
 
-A mutation names an exact fragment of one line of one file; it must occur exactly once in that
+A mutation names an exact fragment of the code (usually one line) of one file; it must occur exactly once in that
 file, or the run stops with an error (the list must follow the code, never silently test
 nothing). The matrix (mutation x row: caught or not) is written to <out>/matrix.md and
 <out>/matrix.json. Slow (a smoke row per mutation and seed): not part of the test command.
@@ -40,8 +41,13 @@ class Mutation:
     rows: tuple[str, ...]  # the smoke run ids expected to catch it
 
 
-L = ("lacol_smoke_lacol",)
+L = ("lacol_check_sym40",)
+S = ("scal_check_trec",)
+U = ("uscal_check_minilm",)
+C = ("conlst_check_en",)
+M = ("msmo_check",)
 MUTATIONS: list[Mutation] = [
+    # ---- LaCoL
     Mutation("lacol_infonce_sign", "lacol.py", "pos = (z_anchor * z_pos).sum(1, keepdim=True) / tau",
              "pos = -(z_anchor * z_pos).sum(1, keepdim=True) / tau", "Eq. 2: the positive's similarity negated", L),
     Mutation("lacol_select_inverted", "lacol.py", "return probs_weak.argmax(dim=1) == given",
@@ -55,6 +61,80 @@ MUTATIONS: list[Mutation] = [
              "L_MS computed and logged but left out of the total", L),
     Mutation("lacol_negatives_same_label", "lacol.py", "allowed = given[None, :] != given[:, None]",
              "allowed = given[None, :] == given[:, None]", "Eq. 1: negatives drawn from the anchor's own label", L),
+    # ---- SCAL
+    Mutation("scal_fgm_sign", "scal.py", "    return (epsilon * g / norm).to(grad.dtype)",
+             "    return (-epsilon * g / norm).to(grad.dtype)", "Eq. 6: the perturbation points down the loss "
+             "(training and the attacked evaluation)", S),
+    Mutation("scal_fgm_batch_norm", "scal.py", "norm = g.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * "
+             "(g.dim() - 1)))", "norm = g.norm().clamp_min(1e-12)", "Eq. 6: one L2 norm over the whole batch "
+             "instead of one per example", S),
+    Mutation("scal_ct_pos_tau", "scal.py", "pos = (z * z_pos).sum(-1) / tau", "pos = (z * z_pos).sum(-1) * tau",
+             "Eq. 7: the positive's temperature multiplied", S),
+    Mutation("scal_ct_positive_shifted", "scal.py", "pos = (z * z_pos).sum(-1) / tau",
+             "pos = (z * z_pos.roll(1, 0)).sum(-1) / tau", "Eq. 7: each anchor paired with the next example's "
+             "adversarial view (off by one)", S),
+    Mutation("scal_ct_dropped", "scal.py", "return 0.5 * (ce + ce_adv) + alpha * l_ct", "return 0.5 * (ce + ce_adv)",
+             "Eq. 8: the contrastive term left out of the total", S),
+    Mutation("scal_adv_ce_dropped", "scal.py", "return 0.5 * (ce + ce_adv) + alpha * l_ct", "return ce + alpha * l_ct",
+             "Eq. 8: the adversarial CE left out of the total", S),
+    Mutation("scal_eval_attack_off", "scal.py", "x = x + adversarial_perturbation(task_loss_eq5(",
+             "x = x + 0 * adversarial_perturbation(task_loss_eq5(", "the attacked evaluation no longer perturbs", S),
+    # ---- USCAL
+    Mutation("uscal_labels_shifted", "uscal.py", "F.cross_entropy(logits, torch.arange(len(a), device=a.device))",
+             "F.cross_entropy(logits, torch.arange(len(a), device=a.device).roll(1))",
+             "Eq. 4: each anchor's positive is the next sentence (off by one)", U),
+    Mutation("uscal_tau_multiplied", "uscal.py", "logits = a @ o.t() / tau", "logits = a @ o.t() * tau",
+             "Eq. 4: temperature multiplied instead of divided", U),
+    Mutation("uscal_no_normalize", "uscal.py", "a, o = F.normalize(z_anchor.float(), dim=-1), "
+             "F.normalize(z_other.float(), dim=-1)", "a, o = z_anchor.float(), z_other.float()",
+             "Eq. 4: dot product instead of cosine", U),
+    Mutation("uscal_adv_sign", "uscal.py", "    delta = perturb(grad, args.epsilon)",
+             "    delta = -perturb(grad, args.epsilon)", "Eq. 9: the positive perturbed down the loss", U),
+    Mutation("uscal_adv_dropped", "uscal.py", "return l_ct + alpha * l_adv", "return l_ct",
+             "Eq. 10: the adversarial term left out of the total", U),
+    Mutation("uscal_positive_is_anchor", "uscal.py", "z2 = model(model.embed(batch[\"input_ids\"]), batch)\n    "
+             "l_ct = infonce_eq4(z1, z2, args.tau)\n    (grad,)", "z2 = z1\n    l_ct = infonce_eq4(z1, z2, "
+             "args.tau)\n    (grad,)", "the dropout positive is the anchor pass itself (no second pass)", U),
+    # ---- CoNLST
+    Mutation("conlst_cl_pos_tau", "conlst.py", "pos = similarity_eq6(h_anchor.float(), h_pos.float(), distance) / tau",
+             "pos = similarity_eq6(h_anchor.float(), h_pos.float(), distance) * tau",
+             "Eq. 6: the positive's temperature multiplied (equivalent at the default tau = 1: kept as a "
+             "reminder that a mutation can be a no-op)", C),
+    Mutation("conlst_neg_mask_inverted", "conlst.py", "neg = neg.masked_fill(~neg_valid, float(\"-inf\"))",
+             "neg = neg.masked_fill(neg_valid, float(\"-inf\"))", "Eq. 6: the valid negatives masked out and the "
+             "padding slots kept", C),
+    Mutation("conlst_negatives_own_class", "conlst.py", "allowed = comp_mask[:, pool_label]  # [B, P]",
+             "allowed = ~comp_mask[:, pool_label]  # [B, P]", "Eq. 5: negatives drawn outside the complementary "
+             "classes", C),
+    Mutation("conlst_complementary_is_pred", "conlst.py", "others = F.one_hot((pred + shift) % c, c).bool()",
+             "others = F.one_hot(pred, c).bool()", "Eq. 4: the complementary label is the predicted class", C),
+    Mutation("conlst_nl_sign", "conlst.py", "return -(comp_mask.float() * log_one_minus_p).sum(dim=1).mean()",
+             "return (comp_mask.float() * log_one_minus_p).sum(dim=1).mean()", "Eq. 1: negative learning's sign "
+             "flipped (pushes p up on the complementary class)", C),
+    Mutation("conlst_select_inverted", "conlst.py", "return max_probs >= thresholds[preds]",
+             "return max_probs < thresholds[preds]", "Eq. 14: self-training keeps the unconfident samples", C),
+    Mutation("conlst_mixup_labels_unmixed", "conlst.py", "return lx * x_i + (1 - lx) * x_j, ly * y_i + (1 - ly) * y_j",
+             "return lx * x_i + (1 - lx) * x_j, y_i", "Eq. 10: inputs mixed, labels not", C),
+    Mutation("conlst_clcs_dropped", "conlst.py", "loss = loss + args.lambda_clcs * terms[\"l_clcs\"]",
+             "loss = loss", "Eq. 8: L_CLCS computed and logged but left out of stage 1's total", C),
+    # ---- MSMO
+    Mutation("msmo_critic_sign", "msmo.py", "critic_loss = -wasserstein_gap(", "critic_loss = wasserstein_gap(",
+             "the critic minimises the Wasserstein estimate instead of maximising it", M),
+    Mutation("msmo_no_clip", "msmo.py", "                    clip_weights_(critic, args.critic_clip)",
+             "                    pass", "WGAN: the critic's weights never clipped", M),
+    Mutation("msmo_gap_sign", "msmo.py", "masked_token_mean(q_src, mask_src) - masked_token_mean(q_tgt, mask_tgt)",
+             "masked_token_mean(q_src, mask_src) + masked_token_mean(q_tgt, mask_tgt)",
+             "W = mean Q(source) + mean Q(target): a sign error in the estimate", M),
+    Mutation("msmo_kl_one_sided", "msmo.py", "return ((kl_pq + kl_qp) / 2).mean()", "return kl_pq.mean()",
+             "the consistency KL one-sided instead of symmetric", M),
+    Mutation("msmo_aspects_misaligned", "msmo.py", "q = torch.stack([span_distribution(probs[rb, pb], tag_index",
+             "q = torch.stack([span_distribution(probs[ra, pb], tag_index", "the aligned aspect read on the wrong "
+             "sentence's row", M),
+    Mutation("msmo_adv_detached", "msmo.py", "                    q_s, q_t = critic(h_s), critic(h_t)",
+             "                    q_s, q_t = critic(h_s.detach()), critic(h_t.detach())",
+             "the encoder's adversarial term detached (no gradient reaches the encoder)", M),
+    Mutation("msmo_beta_zero", "msmo.py", "parts[\"cons\"] = resolve_beta(args) * l_cons",
+             "parts[\"cons\"] = 0.0 * l_cons", "the consistency term's weight lost (beta 0)", M),
 ]
 
 
@@ -97,7 +177,7 @@ def run_mutation(m: Mutation, seeds: list[int], work: Path, baseline: dict) -> d
     env = {**os.environ, "LIS_SHARED_DATA": os.environ.get("LIS_SHARED_DATA", str(ROOT.parent / "shared" / "data"))}
     out = tree / "runs"
     cmd = [sys.executable, "-m", "benchmarks.run", "--suite", "smoke", "--only", *m.rows, "--seeds",
-           *map(str, seeds), "--out-dir", str(out)]
+           *map(str, seeds), "--out-dir", str(out), "--workers", str(len(seeds)), "--threads", "1"]  # as CI
     proc = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True)
     fresh = chk.fresh_values("smoke", out / "smoke")
     suite = SUITES["smoke"]
@@ -108,7 +188,7 @@ def run_mutation(m: Mutation, seeds: list[int], work: Path, baseline: dict) -> d
         caught[r] = caught[r] or f"{r}: the run failed (exit {proc.returncode})"
     shutil.rmtree(tree, ignore_errors=True)
     return {**asdict(m), "caught": caught, "any_caught": any(caught.values()),
-            "fresh": {r: fresh[r]["mean"] for r in fresh}}
+            "fresh": {r: {n: c["mean"] for n, c in fresh[r]["checks"].items()} for r in fresh}}
 
 
 def matrix_md(results: list[dict]) -> str:
@@ -124,12 +204,21 @@ def matrix_md(results: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--list", action="store_true", help="print the mutations and exit")
-    ap.add_argument("--only", nargs="*", help="mutations whose id contains one of these strings")
+    ap.add_argument("--only", nargs="*", help="mutations whose id starts with one of these strings (e.g. scal_)")
     ap.add_argument("--seeds", type=int, nargs="*", default=[0, 1], help="as the baseline's (default 0 1)")
     ap.add_argument("--out", default=None, help="write matrix.md and matrix.json here")
     ap.add_argument("--work", default=None, help="scratch folder for the mutated copies (default: a temp dir)")
+    ap.add_argument("--combine", nargs="*", help="merge these folders' matrix.json (a later folder's result for a "
+                    "mutation replaces an earlier one's) into --out, run nothing")
     args = ap.parse_args(argv)
-    todo = [m for m in MUTATIONS if not args.only or any(s in m.id for s in args.only)]
+    if args.combine:
+        merged: dict[str, dict] = {}
+        for folder in args.combine:
+            merged |= {r["id"]: r for r in json.loads((Path(folder) / "matrix.json").read_text())}
+        results = [merged[m.id] for m in MUTATIONS if m.id in merged]
+        write_matrix(results, args.out)
+        return 0
+    todo = [m for m in MUTATIONS if not args.only or any(m.id.startswith(s) for s in args.only)]
     if args.list:
         for m in todo:
             print(f"{m.id:32s} {m.file:12s} {m.what}  -> {', '.join(m.rows)}")
@@ -145,13 +234,17 @@ def main(argv: list[str] | None = None) -> int:
         res = run_mutation(m, args.seeds, work, baseline)
         print(f"[{i}/{len(todo)}] {m.id}: {'caught' if res['any_caught'] else 'NOT caught'}", flush=True)
         results.append(res)
+    write_matrix(results, args.out)
+    return 0
+
+
+def write_matrix(results: list[dict], out: str | None) -> None:
     md = matrix_md(results)
     print(md)
-    if args.out:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / "matrix.md").write_text(md)
-        (Path(args.out) / "matrix.json").write_text(json.dumps(results, indent=2) + "\n")
-    return 0
+    if out:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / "matrix.md").write_text(md)
+        (Path(out) / "matrix.json").write_text(json.dumps(results, indent=2) + "\n")
 
 
 if __name__ == "__main__":

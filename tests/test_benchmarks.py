@@ -167,6 +167,8 @@ def test_check_compares_each_named_number_a_diagnostic_either_way_and_names_the_
     assert check.main(["--suite", "toy_checks", "--runs", str(tmp_path / "base"), "--baseline", str(base_file),
                        "--update"]) == 0
     assert json.loads(base_file.read_text())["runs"]["r"]["checks"]["l_ms"]["values"] == [1.00, 1.02]
+    seed = {"summary": {}, "metrics": [{"g": 1.0}, {"g": None}, {"h": 5.0}, {"g": 3.0}]}
+    assert check.read(seed, "logmean.g") == 2.0 and check.read(seed, "log.g") == 3.0  # mean of all / the last
     cases = {"same": ([80.0, 81.0], [1.00, 1.02], 0), "acc_up": ([90.0, 91.0], [1.00, 1.02], 0),
              "acc_down": ([70.0, 71.0], [1.00, 1.02], 1), "l_ms_down": ([80.0, 81.0], [0.50, 0.52], 1),
              "l_ms_up": ([80.0, 81.0], [1.50, 1.52], 1), "l_ms_within": ([80.0, 81.0], [1.04, 1.06], 0)}
@@ -210,11 +212,16 @@ def test_check_crash_only_rows_need_a_finite_result_and_new_runs_need_a_baseline
     assert "new: in the suite but not in the baseline" in capsys.readouterr().out
 
 
-def test_smoke_suite_compares_a_learning_run_of_every_method_it_can():
-    """Crash-only rows are the exception: every script except conlst.py and msmo.py (whose smoke
-    runs sit at chance) has compared rows in the smoke suite."""
-    compared = {r.script for r in suites.SUITES["smoke"].runs if r.compare}
-    assert compared == {"lacol.py", "scal.py", "uscal.py"}
+def test_smoke_suite_compares_a_learning_row_of_every_method_with_method_specific_checks():
+    """Issue #27: every script has a compared row, and each compared row checks at least one number
+    the method itself moves (a loss term or a selection statistic read from metrics.jsonl, or a stage
+    gain), not only the backbone's accuracy; the other rows are crash-only."""
+    compared = [r for r in suites.SUITES["smoke"].runs if r.compare]
+    assert {r.script for r in compared} == {"lacol.py", "scal.py", "uscal.py", "conlst.py", "msmo.py"}
+    for r in compared:
+        assert any(c.direction == "both" for c in r.checks), r.id
+        assert all(c.direction in ("higher", "lower", "both") and c.floor > 0 for c in r.checks), r.id
+        assert "--deterministic" in r.args and r.only_seeds is None, r.id  # two seeds: a spread of its own
 
 
 def test_dry_run_lists_the_paper_suite(capsys):

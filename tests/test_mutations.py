@@ -39,3 +39,18 @@ def test_caught_rows_follow_the_check_and_the_matrix_counts_them():
     md = mu.matrix_md(res)
     assert "| `m1` | w | `a` | yes |" in md and "| `m2` | w | `b` | **no** |" in md
     assert "caught: 1 of 2 mutations" in md
+
+
+def test_combine_merges_matrices_a_later_folder_replacing_an_earlier_result(tmp_path):
+    import json
+
+    ids = [m.id for m in mu.MUTATIONS[:2]]
+    first = [{"id": i, "what": "w", "caught": {"r": ""}, "any_caught": False} for i in ids]
+    again = [{"id": ids[1], "what": "w", "caught": {"r": "r: moved"}, "any_caught": True}]
+    for name, res in (("a", first), ("b", again)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "matrix.json").write_text(json.dumps(res))
+    assert mu.main(["--combine", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "out")]) == 0
+    merged = json.loads((tmp_path / "out" / "matrix.json").read_text())
+    assert [r["any_caught"] for r in merged] == [False, True]
+    assert "caught: 1 of 2 mutations" in (tmp_path / "out" / "matrix.md").read_text()
